@@ -1,0 +1,292 @@
+"""SASRec-style causal Transformer user encoder that scores items by dot product.
+
+Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018 (SASRec), trained with
+the losses of Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better
+than SASRec?", RecSys 2023 (full softmax cross-entropy, or sampled softmax over catalogue
+negatives), or the paper's original binary cross-entropy with one negative.
+
+Where this deviates from the paper's reference code:
+
+* Positions are counted from the most recent item (position 0 = the last item). With SASRec's
+  fixed-length left padding this is the same embedding table read in reverse, but it lets a batch
+  be padded only to its own longest sequence.
+* Attention masks padded keys as well as future keys (the paper's code lets real items attend to
+  padding), so an output never depends on how much padding a batch has.
+* Every trainable weight is used only through its own module call (``nn.Linear`` for attention,
+  the tied output layer shares its ``weight`` Parameter with the item embedding at module level).
+  This is what Opacus needs to compute correct per-user gradients: a raw ``h @ emb.weight.T``
+  would silently drop that gradient path.
+* The loss is reduced per user first (mean over that user's positions) and then over users, so
+  that one user's whole sequence is one example (the unit of privacy for DP-SGD).
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("ce", "sampled", "bce")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and loss of :class:`SASRec`.
+
+    Parameters
+    ----------
+    num_items
+        Catalogue size; items are ``1..num_items`` and 0 is padding.
+    max_len
+        Longest history the encoder reads (older items are cut).
+    d_model, num_blocks, num_heads, dropout
+        Transformer width, depth, attention heads and dropout probability.
+    loss
+        ``"ce"`` full softmax cross-entropy over the catalogue (default), ``"sampled"`` softmax over
+        the target and ``num_negatives`` catalogue negatives per user, ``"bce"`` binary
+        cross-entropy with one negative per position (the SASRec paper).
+    num_negatives
+        Negatives per user for ``loss="sampled"``.
+    tie_weights
+        Score items with the input item embedding (SASRec) rather than a separate output table.
+    """
+
+    num_items: int
+    max_len: int = 200
+    d_model: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    loss: str = "ce"
+    num_negatives: int = 256
+    tie_weights: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("num_items", self.num_items >= 1, ">= 1"),
+            ("max_len", self.max_len >= 1, ">= 1"),
+            ("d_model", self.d_model >= 1, ">= 1"),
+            ("num_blocks", self.num_blocks >= 1, ">= 1"),
+            ("num_heads", self.num_heads >= 1 and self.d_model % self.num_heads == 0,
+             f"a divisor of d_model={self.d_model}"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
+            ("num_negatives", self.num_negatives >= 1, ">= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention from ``nn.Linear`` layers (Opacus-compatible)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.num_heads, C // self.num_heads
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class FeedForward(nn.Module):
+    """SASRec's point-wise feed-forward network (two ``d_model x d_model`` layers)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, config.d_model)
+        self.fc2 = nn.Linear(config.d_model, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.relu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block (as in SASRec's reference code)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.ff = FeedForward(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask))
+        return x + self.ff(self.ln2(x))
+
+
+class SASRec(nn.Module):
+    """Causal Transformer over a user's item history; scores items by dot product.
+
+    ``forward(inputs, targets=None, negatives=None) -> (logits, loss)``:
+
+    * ``inputs`` (B, T) item indices, left-padded with 0; the last column is the most recent item.
+    * Without ``targets``: logits (B, num_items) of the next item after each history (column
+      ``i`` scores item ``i + 1``), loss ``None``.
+    * With ``targets`` (B, T), the item that follows each input position (0 where there is none):
+      the training loss, reduced per user then over users; logits ``None``.
+    * ``negatives``: (B, num_negatives) catalogue items per user for ``loss="sampled"``;
+      (B, T) one per position for ``loss="bce"``.
+
+    ``packed`` (default True) computes output scores only at non-padded positions, which is
+    faster but mixes users in one matrix; DP-SGD code sets it to False so that every layer sees
+    one row per user (Opacus' per-sample gradients need that). Both give the same loss.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.item_emb = nn.Embedding(config.num_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(config.max_len, d)
+        self.emb_drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_blocks)])
+        self.ln_f = nn.LayerNorm(d)
+        # Output item vectors: the input embedding (tied) or a table of their own. Either way the
+        # scoring Linear shares its Parameter with an Embedding at module level, so full scoring
+        # (``output(h)``) and sampled scoring (``target_emb(ids)``) read the same vectors and
+        # Opacus sees every use through a module call.
+        self.target_emb = None if config.tie_weights else nn.Embedding(config.num_items + 1, d, padding_idx=0)
+        self.output = nn.Linear(d, config.num_items + 1, bias=False)
+        self.output.weight = self._targets().weight
+        self.packed = True
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.embedding_dim))
+
+    def _targets(self) -> nn.Embedding:
+        return self.item_emb if self.target_emb is None else self.target_emb
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Hidden state after every position: (B, T) -> (B, T, d)."""
+        B, T = inputs.shape
+        if T > self.config.max_len:
+            inputs = inputs[:, -self.config.max_len:]
+            T = self.config.max_len
+        real = inputs > 0  # (B, T)
+        pos = torch.arange(T - 1, -1, -1, device=inputs.device).expand(B, T).contiguous()  # (B, T)
+        x = self.item_emb(inputs) * math.sqrt(self.config.d_model) + self.pos_emb(pos)  # (B, T, d)
+        x = self.emb_drop(x) * real.unsqueeze(-1)  # (B, T, d)
+        causal = torch.ones(T, T, dtype=torch.bool, device=inputs.device).tril()  # (T, T)
+        eye = torch.eye(T, dtype=torch.bool, device=inputs.device)  # (T, T)
+        # a padded query attends to itself only, so no row of the mask is empty
+        mask = (causal & real.unsqueeze(1)) | eye  # (B, T, T)
+        mask = mask.unsqueeze(1)  # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, mask) * real.unsqueeze(-1)  # (B, T, d)
+        return self.ln_f(x)  # (B, T, d)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        h = self.encode(inputs)  # (B, T, d)
+        if targets is None:
+            logits = self.output(h[:, -1, :])[:, 1:]  # (B, V)
+            return logits, None
+        if targets.shape != h.shape[:2]:
+            targets = targets[:, -h.shape[1]:]
+        valid = targets > 0  # (B, T)
+        if self.config.loss == "ce":
+            loss = self._ce_loss(h, targets, valid)
+        elif self.config.loss == "sampled":
+            loss = self._sampled_loss(h, targets, valid, negatives)
+        else:
+            loss = self._bce_loss(h, targets, valid, negatives)
+        return None, loss
+
+    @staticmethod
+    def _per_user_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, T) position losses -> scalar: mean over each user's valid positions, then users."""
+        counts = valid.sum(dim=1).clamp(min=1)  # (B,)
+        per_user = (per_position * valid).sum(dim=1) / counts  # (B,)
+        return per_user.mean()
+
+    def _ce_loss(self, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        B, T, _ = h.shape
+        # Softmax over the V + 1 output columns: column 0 is the padding item, whose embedding is
+        # fixed at zero, so it adds a constant logit 0 to every softmax (not sliced away: slicing
+        # makes the (N, V) tensor non-contiguous and costs a third of the step on CPU).
+        if self.packed:
+            rows = valid.nonzero(as_tuple=True)
+            logits = self.output(h[rows]).float()  # (N, V + 1)
+            ce = F.cross_entropy(logits, targets[rows], reduction="none")  # (N,)
+            weight = 1.0 / valid.sum(dim=1).clamp(min=1).to(ce.dtype)  # (B,)
+            return (ce * weight[rows[0]]).sum() / B
+        logits = self.output(h).float()  # (B, T, V + 1)
+        ce = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
+        return self._per_user_mean(ce, valid)
+
+    def _sampled_loss(
+        self, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, negatives: torch.Tensor | None
+    ) -> torch.Tensor:
+        if negatives is None or negatives.dim() != 2 or negatives.shape[0] != h.shape[0]:
+            raise ValueError("loss='sampled' needs negatives of shape (B, num_negatives)")
+        pos = (h * self._targets()(targets)).sum(-1, keepdim=True)  # (B, T, 1)
+        neg = torch.einsum("btd,bkd->btk", h, self._targets()(negatives))  # (B, T, K)
+        hit = negatives.unsqueeze(1) == targets.unsqueeze(-1)  # (B, T, K): a negative equal to the target
+        neg = neg.masked_fill(hit, float("-inf"))
+        logits = torch.cat([pos, neg], dim=-1)  # (B, T, 1 + K)
+        ce = -F.log_softmax(logits, dim=-1)[..., 0]  # (B, T)
+        return self._per_user_mean(ce, valid)
+
+    def _bce_loss(
+        self, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, negatives: torch.Tensor | None
+    ) -> torch.Tensor:
+        if negatives is None or negatives.shape != targets.shape:
+            raise ValueError("loss='bce' needs negatives of shape (B, T), one per position")
+        pos = (h * self._targets()(targets)).sum(-1)  # (B, T)
+        neg = (h * self._targets()(negatives)).sum(-1)  # (B, T)
+        bce = F.softplus(-pos) + F.softplus(neg)  # -log sigmoid(pos) - log(1 - sigmoid(neg))
+        return self._per_user_mean(bce, valid)
+
+    @torch.no_grad()
+    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Scores of every item after each history: (B, T) -> (B, num_items), column i = item i+1."""
+        logits, _ = self(inputs)
+        return logits

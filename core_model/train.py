@@ -1,0 +1,325 @@
+"""Plain (centralized, non-private) training of :class:`~core_model.model.SASRec`.
+
+The same pieces are reused by the federated client: :class:`SequenceBatches` turns training
+sequences into (inputs, targets) tensors, :func:`sample_negatives` draws catalogue negatives per
+user, :func:`train_epoch` runs one pass. :func:`fit` adds validation, early stopping, a time
+budget, metrics as JSON lines and checkpoints. Progress is reported through a callback; the
+command-line layer turns it into a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core_model.data import LeaveOneOutSplit
+from core_model.evaluate import evaluate_ranking
+from core_model.model import ModelConfig, SASRec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings.
+
+    ``lr`` is the peak learning rate of Adam(W) (betas 0.9 / 0.98 as in SASRec), reached after
+    ``warmup_epochs`` of linear warm-up and then held (``schedule="constant"``) or decayed with a
+    cosine to 10 % over ``epochs`` (``schedule="cosine"``). Validation runs every ``eval_every``
+    epochs; training stops after ``patience`` validations without a better NDCG@10, after
+    ``epochs``, or when ``max_minutes`` of training time are used, and the best weights are kept.
+    ``precision="bf16"`` runs the forward pass under bfloat16 autocast (weights, optimizer state
+    and the loss stay float32); on CPUs with AVX-512 BF16 it is ~1.4x faster.
+    """
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    eval_every: int = 5
+    patience: int = 4
+    max_minutes: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("schedule", self.schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("patience", self.patience >= 1, ">= 1"),
+            ("max_minutes", self.max_minutes is None or self.max_minutes > 0, "> 0 or None"),
+            ("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+            ("precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
+            ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1 or None"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class SequenceBatches:
+    """Next-item training pairs for each user: inputs ``s[:-1]``, targets ``s[1:]`` (last ``max_len``).
+
+    Built once as a (N, max_len) left-padded matrix; a batch is a set of rows trimmed to its
+    longest sequence. Users whose training sequence has fewer than two items yield no pair and
+    contribute zero loss (they are kept so that user counts stay exact).
+    """
+
+    def __init__(self, train: Sequence[np.ndarray], max_len: int) -> None:
+        n = len(train)
+        self.inputs = np.zeros((n, max_len), dtype=np.int64)
+        self.targets = np.zeros((n, max_len), dtype=np.int64)
+        self.lengths = np.zeros(n, dtype=np.int64)
+        for row, seq in enumerate(train):
+            seq = np.asarray(seq, dtype=np.int64)
+            m = min(max(len(seq) - 1, 0), max_len)
+            if m:
+                self.inputs[row, max_len - m:] = seq[-m - 1:-1]
+                self.targets[row, max_len - m:] = seq[-m:]
+            self.lengths[row] = m
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.lengths.sum())
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        T = max(int(self.lengths[rows].max()) if len(rows) else 1, 1)
+        return (torch.from_numpy(self.inputs[rows, -T:]),  # (B, T)
+                torch.from_numpy(self.targets[rows, -T:]))  # (B, T)
+
+    def shuffled(self, batch_size: int, generator: np.random.Generator) -> Iterator[np.ndarray]:
+        order = generator.permutation(len(self))
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+
+
+def sample_negatives(
+    config: ModelConfig, targets: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor | None:
+    """Catalogue negatives drawn uniformly per user (``sampled``) or per position (``bce``).
+
+    Never in-batch: each user's negatives come from the whole catalogue ``1..num_items``.
+    """
+    B, T = targets.shape
+    if config.loss == "sampled":
+        return torch.randint(1, config.num_items + 1, (B, config.num_negatives), generator=generator)
+    if config.loss == "bce":
+        neg = torch.randint(1, config.num_items + 1, (B, T), generator=generator)
+        clash = neg == targets  # redraw once, then shift: a negative never equals its positive
+        neg = torch.where(clash, torch.randint(1, config.num_items + 1, (B, T), generator=generator), neg)
+        return torch.where(neg == targets, neg % config.num_items + 1, neg)
+    return None
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``precision="bf16"``, a no-op for ``"fp32"``."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(config: TrainConfig, epoch_progress: float) -> float:
+    """Multiplier of the peak learning rate at ``epoch_progress`` (epochs done, fractional)."""
+    if config.warmup_epochs > 0 and epoch_progress < config.warmup_epochs:
+        return max(epoch_progress / config.warmup_epochs, 1e-3)
+    if config.schedule == "cosine":
+        span = max(config.epochs - config.warmup_epochs, 1e-9)
+        t = min(max((epoch_progress - config.warmup_epochs) / span, 0.0), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
+                             weight_decay=config.weight_decay)
+
+
+def train_epoch(
+    model: SASRec,
+    batches: SequenceBatches,
+    optimizer: torch.optim.Optimizer,
+    *,
+    config: TrainConfig,
+    epoch: int,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    device: torch.device,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict[str, float]:
+    """One pass over all users in random batches; returns mean loss and throughput."""
+    model.train()
+    steps = math.ceil(len(batches) / config.batch_size)
+    total, users, start = 0.0, 0, time.perf_counter()
+    for step, rows in enumerate(batches.shuffled(config.batch_size, rng)):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(config, epoch + step / steps)
+        inputs, targets = batches.batch(rows)
+        negatives = sample_negatives(model.config, targets, generator)
+        inputs, targets = inputs.to(device), targets.to(device)
+        negatives = negatives.to(device) if negatives is not None else None
+        with autocast(device, config.precision):
+            _, loss = model(inputs, targets, negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        total += loss_value * len(rows)
+        users += len(rows)
+        if on_step is not None:
+            on_step(step + 1, steps, loss_value)
+    seconds = time.perf_counter() - start
+    return {"loss": total / max(users, 1), "seconds": seconds, "users_per_second": users / seconds}
+
+
+def evaluate_model(
+    model: SASRec,
+    split: LeaveOneOutSplit,
+    *,
+    which: str = "test",
+    exclude_history: bool = True,
+    sampled: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Leave-one-out metrics of ``model`` on the validation or test targets of ``split``."""
+    if which not in ("valid", "test"):
+        raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
+    histories = split.valid_inputs() if which == "valid" else split.test_inputs()
+    targets = split.valid_targets if which == "valid" else split.test_targets
+    model.eval()
+    with torch.no_grad():
+        return evaluate_ranking(model.score, histories, targets, num_items=split.num_items,
+                                max_len=model.config.max_len, exclude_history=exclude_history,
+                                sampled=sampled, device=device)
+
+
+def save_checkpoint(path: Path, model: SASRec, *, extra: dict[str, Any]) -> None:
+    """Weights, model config and whatever ``extra`` holds (vocabulary, train config, metrics)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": "fedrec-sasrec-1", "model_config": model.config.to_dict(),
+                "state_dict": state, **extra}, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves half a checkpoint
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[SASRec, dict[str, Any]]:
+    """Rebuild the model of a checkpoint; returns (model in eval mode, the whole checkpoint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "fedrec-sasrec-1":
+        raise ValueError(f"{path} is not a fedrec checkpoint (expected format 'fedrec-sasrec-1')")
+    model = SASRec(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt
+
+
+def fit(
+    model: SASRec,
+    split: LeaveOneOutSplit,
+    config: TrainConfig,
+    *,
+    run_dir: Path | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train with validation-based early stopping; keep (and checkpoint) the best weights.
+
+    Writes ``metrics.jsonl`` (one JSON object per epoch) and ``model.pt`` (best weights) into
+    ``run_dir`` when it is given. Returns a summary with the best validation metrics.
+    """
+    device = select_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.to(device)
+    batches = SequenceBatches(split.train, model.config.max_len)
+    optimizer = make_optimizer(model, config)
+    metrics_file = None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    best: dict[str, Any] = {"valid_ndcg@10": -1.0, "epoch": 0}
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bad_evals, train_seconds, epoch = 0, 0.0, 0
+    stop_reason = "epochs"
+    try:
+        for epoch in range(1, config.epochs + 1):
+            stats = train_epoch(model, batches, optimizer, config=config, epoch=epoch - 1, rng=rng,
+                                generator=generator, device=device, on_step=on_step)
+            train_seconds += stats["seconds"]
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"],
+                                      "epoch_seconds": stats["seconds"],
+                                      "users_per_second": stats["users_per_second"],
+                                      "train_minutes": train_seconds / 60}
+            out_of_time = config.max_minutes is not None and train_seconds >= config.max_minutes * 60
+            if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
+                valid = evaluate_model(model, split, which="valid", sampled=False, device=device)
+                record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
+                if record["valid_ndcg@10"] > best["valid_ndcg@10"]:
+                    best = {"epoch": epoch, **{k: v for k, v in record.items() if k.startswith("valid_")}}
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    bad_evals = 0
+                    if run_dir is not None:
+                        save_checkpoint(run_dir / "model.pt", model,
+                                        extra={**(checkpoint_extra or {}), "train_config": config.to_dict(),
+                                               "best": best})
+                else:
+                    bad_evals += 1
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if on_epoch is not None:
+                on_epoch(record)
+            if bad_evals >= config.patience:
+                stop_reason = f"no better validation NDCG@10 in {config.patience} evaluations"
+                break
+            if out_of_time:
+                stop_reason = f"time budget of {config.max_minutes} minutes used"
+                break
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    model.load_state_dict(best_state)
+    return {"best": best, "epochs_run": epoch, "train_seconds": train_seconds, "stop_reason": stop_reason,
+            "positions_per_epoch": batches.num_positions, "parameters": model.num_parameters()}

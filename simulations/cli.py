@@ -1,0 +1,231 @@
+"""The ``fedrec`` command line.
+
+    fedrec train      [--config FILE] [--data-kind K --data PATH] [--set key=value ...] [--out DIR]
+    fedrec evaluate   --checkpoint RUN/model.pt [--data-kind K --data PATH]
+    fedrec recommend  --checkpoint RUN/model.pt --history ID [ID ...] [-k 10] [--json]
+    fedrec synthesize --out FILE.csv [--set data.synthetic.num_users=...]
+
+With no data given, ``train`` uses the built-in SYNTHETIC live-commerce log. This module is the
+only place that configures logging and draws progress bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("fedrec")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file with [data] [model] [train] [eval] sections")
+    p.add_argument("--data-kind", help="synthetic | interactions | sasrec | ml-1m | ml-100k | twitch")
+    p.add_argument("--data", help="path of the log file or folder (real data is always given by path)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.epochs=50 (repeatable)")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from core_model.config import load_config
+    overrides = list(args.overrides)
+    if args.data_kind:
+        overrides.append(f'data.kind="{args.data_kind}"')
+    if args.data:
+        overrides.append(f'data.path="{args.data}"')
+    return load_config(args.config, overrides)
+
+
+def _progress(desc: str, disable: bool):
+    """A per-epoch progress bar callback (tqdm), or None when disabled."""
+    if disable:
+        return None, None
+    from tqdm import tqdm
+    state: dict[str, Any] = {"bar": None}
+
+    def on_step(step: int, steps: int, loss: float) -> None:
+        if state["bar"] is None or step == 1:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"] = tqdm(total=steps, desc=desc, leave=False, file=sys.stderr)
+        state["bar"].update(1)
+        state["bar"].set_postfix(loss=f"{loss:.3f}")
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+    return on_step, close
+
+
+def _print_table(rows: list[tuple[str, dict[str, float]]]) -> None:
+    keys = ["ndcg@10", "hr@10", "recall@20", "mrr", "sampled_ndcg@10", "sampled_hr@10"]
+    print(f"{'':24s}" + "".join(f"{k:>17s}" for k in keys))
+    for name, m in rows:
+        print(f"{name:24s}" + "".join(f"{m[k]:17.4f}" if k in m else f"{'-':>17s}" for k in keys))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from core_model.evaluate import Popularity, evaluate_ranking
+    from core_model.model import SASRec
+    from core_model.pipeline import load_log, split_log
+    from core_model.train import evaluate_model, fit, select_device
+
+    cfg = _config_from_args(args)
+    log = load_log(cfg.data)
+    split = split_log(log, cfg.data)
+    summary = log.summary()
+    print(f"data: {summary['name']}: {summary['users']} users, {summary['items']} items, "
+          f"{summary['interactions']} interactions; {len(split)} users kept for leave-one-out "
+          f"({split.removed_short_users} removed with fewer than {cfg.data.min_length} interactions)")
+    out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (out / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
+    model = SASRec(cfg.model_config(log.num_items))
+    device = select_device(cfg.train.device)
+    print(f"model: SASRec, {model.num_parameters():,} parameters, loss={model.config.loss}, "
+          f"device={device}, precision={cfg.train.precision}; run directory {out}")
+    on_step, close = _progress("epoch", args.quiet)
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        if close:
+            close()
+        msg = (f"epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
+               f"{record['users_per_second']:.0f} users/s")
+        if "valid_ndcg@10" in record:
+            msg += f"  valid NDCG@10 {record['valid_ndcg@10']:.4f}  HR@10 {record['valid_hr@10']:.4f}"
+        print(msg, flush=True)
+
+    extra = {"items": log.items.to_dict(), "item_titles": log.item_features.get("title"),
+             "data": summary, "data_config": cfg.to_dict()["data"]}
+    result = fit(model, split, cfg.train, run_dir=out, checkpoint_extra=extra,
+                 on_step=on_step, on_epoch=on_epoch)
+    ev = cfg.eval
+    test = evaluate_model(model, split, which="test", exclude_history=ev.exclude_history,
+                          sampled=ev.sampled, device=device)
+    with torch.no_grad():
+        pop = evaluate_ranking(Popularity(split.train, split.num_items), split.test_inputs(),
+                               split.test_targets, num_items=split.num_items, max_len=model.config.max_len,
+                               exclude_history=ev.exclude_history, sampled=ev.sampled, seed=ev.seed)
+    results = {"test": test, "popularity_test": pop, **result,
+               "protocol": {"split": "leave-one-out", "ranking": "full catalogue",
+                            "history_excluded": ev.exclude_history, "sampled": "100 uniform negatives"},
+               "data_synthetic": cfg.data.kind == "synthetic"}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"stopped after {result['epochs_run']} epochs ({result['stop_reason']}), "
+          f"{result['train_seconds'] / 60:.1f} min training; best validation epoch {result['best']['epoch']}")
+    print(f"test metrics (leave-one-out, full ranking, history "
+          f"{'excluded' if ev.exclude_history else 'included'}; sampled = 100 negatives):")
+    _print_table([("SASRec", test), ("popularity", pop)])
+    print(f"model saved to {out / 'model.pt'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from core_model.config import DataConfig
+    from core_model.data import Vocabulary
+    from core_model.pipeline import align_to_vocabulary, load_log, split_log
+    from core_model.train import evaluate_model, load_checkpoint, select_device
+
+    device = select_device(args.device)
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    data_cfg = DataConfig(**ckpt["data_config"])
+    if args.data_kind or args.data:
+        data_cfg = DataConfig(**{**ckpt["data_config"], "kind": args.data_kind or data_cfg.kind,
+                                 "path": args.data or data_cfg.path})
+    log = align_to_vocabulary(load_log(data_cfg), Vocabulary.from_dict(ckpt["items"]))
+    split = split_log(log, data_cfg)
+    metrics = evaluate_model(model, split, which=args.which, exclude_history=not args.include_history,
+                             device=device)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{args.which} metrics on {log.name} ({len(split)} users, full ranking, history "
+              f"{'included' if args.include_history else 'excluded'}):")
+        _print_table([("SASRec", metrics)])
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from core_model.recommend import Recommender
+
+    rec = Recommender.from_checkpoint(args.checkpoint, device=args.device)
+    items = rec.recommend(args.history, k=args.k, exclude_history=not args.include_history)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in items]))
+    else:
+        for rank, r in enumerate(items, 1):
+            print(f"{rank:3d}. {r.item:>10s}  {r.score:8.3f}  {r.title}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from core_model.config import load_config
+    from core_model.synthetic import SyntheticConfig, generate_live_commerce, write_csv
+
+    cfg = load_config(None, args.overrides)
+    log = generate_live_commerce(SyntheticConfig(**cfg.data.synthetic))
+    rows = write_csv(log, args.out)
+    print(f"wrote {rows} SYNTHETIC interactions ({log.num_users} users, {log.num_items} items) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrec", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="centralized training + leave-one-out evaluation")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default runs/train-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="leave-one-out metrics of a saved model")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data-kind")
+    p.add_argument("--data")
+    p.add_argument("--which", choices=("test", "valid"), default="test")
+    p.add_argument("--include-history", action="store_true", help="rank items already in the history too")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-k items for one history")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--history", nargs="+", required=True, help="raw item ids, oldest first")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--include-history", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("synthesize", help="write the SYNTHETIC live-commerce log as CSV")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_synthesize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        # Bad input (data, config, ids): one clear line, no traceback.
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"fedrec {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

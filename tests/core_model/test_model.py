@@ -1,0 +1,144 @@
+"""SASRec encoder: causality, padding, losses on tiny tensors (B=2, T=5, 11 items)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core_model.model import ModelConfig, SASRec
+
+
+def make(loss="ce", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=11, max_len=5, d_model=8, num_blocks=2, num_heads=2, dropout=0.0,
+                      loss=loss, num_negatives=4, **kw)
+    return SASRec(cfg).eval()
+
+
+INPUTS = torch.tensor([[0, 3, 4, 5, 6], [1, 2, 9, 10, 11]])  # (2, 5), user 0 left-padded
+TARGETS = torch.tensor([[0, 4, 5, 6, 7], [2, 9, 10, 11, 3]])
+
+
+def test_changing_future_items_never_changes_earlier_outputs():
+    model = make()
+    h = model.encode(INPUTS)
+    for t in range(5):
+        changed = INPUTS.clone()
+        changed[:, t:] = torch.tensor([7, 8, 1, 2, 3])[t:]
+        h2 = model.encode(changed)
+        assert torch.allclose(h[:, :t], h2[:, :t], atol=1e-6), f"position < {t} saw the future"
+        if t < 4:
+            assert not torch.allclose(h[:, t:], h2[:, t:]), "the change had no effect at all"
+
+
+def test_extra_left_padding_does_not_change_outputs():
+    model = make()
+    short = torch.tensor([[3, 4, 5]])
+    padded = torch.tensor([[0, 0, 3, 4, 5]])
+    assert torch.allclose(model.encode(short)[:, -3:], model.encode(padded)[:, -3:], atol=1e-6)
+    logits_short, _ = model(short)
+    logits_padded, _ = model(padded)
+    assert torch.allclose(logits_short, logits_padded, atol=1e-6)
+
+
+def test_inference_scores_every_item_once():
+    logits, loss = make()(INPUTS)
+    assert loss is None and logits.shape == (2, 11)
+
+
+def test_ce_loss_is_mean_over_positions_then_users():
+    model = make()
+    _, loss = model(INPUTS, TARGETS)
+    h = model.encode(INPUTS)
+    logits = h @ model.item_emb.weight.detach().T  # (2, 5, 12): column 0 is padding (logit 0)
+    per_user = []
+    for b in range(2):
+        rows = [t for t in range(5) if TARGETS[b, t] > 0]
+        per_user.append(sum(F.cross_entropy(logits[b, t], TARGETS[b, t]) for t in rows) / len(rows))
+    assert torch.allclose(loss, (per_user[0] + per_user[1]) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled", "bce"])
+def test_packed_and_per_user_paths_give_the_same_loss(loss):
+    model = make(loss)
+    neg = torch.randint(1, 12, (2, 4) if loss == "sampled" else (2, 5), generator=torch.Generator().manual_seed(1))
+    _, packed = model(INPUTS, TARGETS, neg)
+    model.packed = False
+    _, unpacked = model(INPUTS, TARGETS, neg)
+    assert torch.allclose(packed, unpacked, atol=1e-6)
+
+
+def test_sampled_loss_masks_a_negative_equal_to_the_target():
+    model = make("sampled")
+    targets = torch.tensor([[0, 0, 0, 0, 7], [0, 0, 0, 0, 3]])
+    neg_clean = torch.tensor([[1, 2, 5, 8], [1, 2, 5, 8]])
+    neg_hit = torch.tensor([[1, 2, 5, 7], [1, 2, 5, 3]])  # last negative is the target itself
+    h = model.encode(INPUTS)[:, -1]  # (2, d)
+    emb = model.item_emb.weight.detach()
+    pos = (h * emb[targets[:, -1]]).sum(-1, keepdim=True)
+    neg = torch.einsum("bd,bkd->bk", h, emb[neg_hit[:, :3]])  # the clashing negative left out
+    expect = -F.log_softmax(torch.cat([pos, neg], 1), 1)[:, 0]
+    _, loss_hit = model(INPUTS, targets, neg_hit)
+    _, loss_clean = model(INPUTS, targets, neg_clean)
+    assert torch.allclose(loss_hit, expect.mean(), atol=1e-5)
+    assert not torch.allclose(loss_hit, loss_clean)
+
+
+def test_bce_loss_by_hand():
+    model = make("bce")
+    targets = torch.tensor([[0, 0, 0, 0, 7], [0, 0, 0, 2, 3]])
+    neg = torch.tensor([[1, 1, 1, 1, 9], [1, 1, 1, 4, 5]])
+    _, loss = model(INPUTS, targets, neg)
+    h = model.encode(INPUTS)
+    emb = model.item_emb.weight.detach()
+
+    def term(b, t):
+        p = (h[b, t] * emb[targets[b, t]]).sum()
+        n = (h[b, t] * emb[neg[b, t]]).sum()
+        return -torch.log(torch.sigmoid(p)) - torch.log(1 - torch.sigmoid(n))
+    expect = (term(0, 4) + (term(1, 3) + term(1, 4)) / 2) / 2
+    assert torch.allclose(loss, expect, atol=1e-5)
+
+
+def test_missing_negatives_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs negatives"):
+        make("sampled")(INPUTS, TARGETS)
+    with pytest.raises(ValueError, match="one per position"):
+        make("bce")(INPUTS, TARGETS, torch.ones(2, 3, dtype=torch.long))
+
+
+def test_tied_output_shares_the_embedding_parameter():
+    model = make()
+    assert model.output.weight is model.item_emb.weight
+    untied = make(tie_weights=False)
+    assert untied.output.weight is not untied.item_emb.weight
+    assert untied.output.weight is untied.target_emb.weight
+
+
+def test_histories_longer_than_max_len_use_the_last_items():
+    model = make()
+    long = torch.tensor([[9, 9, 9, 3, 4, 5, 6, 7]])
+    logits_long, _ = model(long)
+    logits_cut, _ = model(long[:, -5:])
+    assert torch.allclose(logits_long, logits_cut)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("num_items", 0, "num_items must be >= 1, got 0"),
+    ("num_heads", 3, "num_heads must be a divisor of d_model=8, got 3"),
+    ("dropout", 1.0, "dropout must be in [0, 1), got 1.0"),
+    ("loss", "mse", "loss must be one of"),
+])
+def test_config_errors_name_parameter_and_value(field, value, needle):
+    kw = dict(num_items=11, d_model=8)
+    kw[field] = value
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig(**kw)
+
+
+def test_unknown_config_key_is_an_error():
+    with pytest.raises(ValueError, match="unknown model config keys \\['hidden'\\]"):
+        ModelConfig.from_dict({"num_items": 3, "hidden": 4})
+
+
