@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from core_model.evaluate import Popularity, evaluate_ranking
     from core_model.model import SASRec
     from core_model.pipeline import load_log, split_log
-    from core_model.train import evaluate_model, fit, select_device
+    from core_model.train import evaluate_model, fit, resolve_precision, select_device
 
     cfg = _config_from_args(args)
     log = load_log(cfg.data)
@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = SASRec(cfg.model_config(log.num_items))
     device = select_device(cfg.train.device)
     print(f"model: SASRec, {model.num_parameters():,} parameters, loss={model.config.loss}, "
-          f"device={device}, precision={cfg.train.precision}; run directory {out}")
+          f"device={device}, precision={resolve_precision(cfg.train.precision, device)}; run directory {out}")
     on_step, close = _progress("epoch", args.quiet)
 
     def on_epoch(record: dict[str, Any]) -> None:
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(msg, flush=True)
 
     extra = {"items": log.items.to_dict(), "item_titles": log.item_features.get("title"),
-             "data": summary, "data_config": cfg.to_dict()["data"]}
+             "data": summary, "data_config": cfg.to_dict()["data"], "eval_config": cfg.to_dict()["eval"]}
     result = fit(model, split, cfg.train, run_dir=out, checkpoint_extra=extra,
                  on_step=on_step, on_epoch=on_epoch)
     ev = cfg.eval
@@ -141,8 +141,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  "path": args.data or data_cfg.path})
     log = align_to_vocabulary(load_log(data_cfg), Vocabulary.from_dict(ckpt["items"]))
     split = split_log(log, data_cfg)
+    sampled = ckpt.get("eval_config", {}).get("sampled", True)
     metrics = evaluate_model(model, split, which=args.which, exclude_history=not args.include_history,
-                             device=device)
+                             sampled=sampled, device=device)
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -1,0 +1,56 @@
+"""Experiment config: defaults, overrides, and every error path."""
+
+import pytest
+
+from core_model.config import load_config, parse_override
+
+
+def test_defaults_need_no_file():
+    cfg = load_config()
+    assert cfg.data.kind == "synthetic" and cfg.train.batch_size == 128 and cfg.eval.exclude_history
+    assert cfg.model_config(50).num_items == 50
+
+
+def test_file_and_overrides(tmp_path):
+    f = tmp_path / "exp.toml"
+    f.write_text('[data]\nkind = "sasrec"\npath = "x.txt"\n[train]\nlr = 0.002\n[model]\nd_model = 32\n')
+    cfg = load_config(f, ["train.epochs=7", "model.loss=sampled", "train.lr=1"])
+    assert cfg.data.kind == "sasrec" and cfg.train.epochs == 7 and cfg.train.lr == 1.0
+    assert cfg.model_config(9).d_model == 32 and cfg.model_config(9).loss == "sampled"
+
+
+def test_parse_override_values():
+    assert parse_override("train.lr=2e-3") == (["train", "lr"], 0.002)
+    assert parse_override("data.kind=ml-1m") == (["data", "kind"], "ml-1m")
+    assert parse_override('data.path="a b"') == (["data", "path"], "a b")
+    assert parse_override("eval.sampled=false") == (["eval", "sampled"], False)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["train.lrr=1"], "unknown key(s) train.lrr"),
+    (["bogus.x=1"], "unknown config section(s) ['bogus']"),
+    (["train.epochs=0"], "epochs must be >= 1, got 0"),
+    (["train.epochs=abc"], "train.epochs must be int, got 'abc'"),
+    (["train.lr=-1"], "lr must be > 0, got -1.0"),
+    (["data.kind=csv"], "data.kind must be one of"),
+    (["data.kind=ml-1m"], "data.path is required for data.kind='ml-1m'"),
+    (["model.num_items=5"], "model.num_items is taken from the data"),
+    (["model.loss=mse"], "loss must be one of"),
+    (["eval.sampled=3"], "eval.sampled must be bool, got 3"),
+    (["data.synthetic.num_users=0"], "num_users must be >= 1, got 0"),
+    (["train"], "must look like section.key=value"),
+    (["train.device=gpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+])
+def test_bad_settings_name_the_key_and_value(overrides, needle):
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist.toml does not exist"):
+        load_config(tmp_path / "does-not-exist.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(ValueError, match="bad.toml: not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,78 @@
+"""Trainer pieces on tiny data, and one short real training run on synthetic data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core_model.data import leave_one_out
+from core_model.evaluate import Popularity, evaluate_ranking
+from core_model.model import ModelConfig, SASRec
+from core_model.synthetic import SyntheticConfig, generate_live_commerce
+from core_model.train import (SequenceBatches, TrainConfig, fit, load_checkpoint, lr_factor, sample_negatives,
+                              select_device)
+
+
+def test_sequence_batches_shift_by_one_and_left_pad():
+    b = SequenceBatches([np.array([1, 2, 3, 4]), np.array([5, 6]), np.array([7])], max_len=3)
+    inputs, targets = b.batch(np.array([0, 1, 2]))
+    assert inputs.tolist() == [[1, 2, 3], [0, 0, 5], [0, 0, 0]]
+    assert targets.tolist() == [[2, 3, 4], [0, 0, 6], [0, 0, 0]]
+    assert b.num_positions == 4
+    short, _ = b.batch(np.array([1]))
+    assert short.tolist() == [[5]]  # trimmed to the batch's longest sequence
+
+
+def test_negatives_are_catalogue_items_and_never_the_positive():
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(1, 4, (64, 20), generator=g)
+    neg = sample_negatives(ModelConfig(num_items=3, loss="bce"), targets, g)
+    assert neg.shape == targets.shape and (neg != targets).all() and neg.min() >= 1 and neg.max() <= 3
+    neg = sample_negatives(ModelConfig(num_items=30, loss="sampled", num_negatives=7), targets, g)
+    assert neg.shape == (64, 7) and neg.min() >= 1 and neg.max() <= 30
+    assert sample_negatives(ModelConfig(num_items=3), targets, g) is None
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, schedule="cosine")
+    assert lr_factor(cfg, 1.0) == pytest.approx(0.5)
+    assert lr_factor(cfg, 2.0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 10.0) == pytest.approx(0.1)
+    assert lr_factor(TrainConfig(), 7.3) == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_an_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        select_device("cuda")
+    assert select_device("auto").type == "cpu"
+
+
+def test_training_learns_the_synthetic_structure_and_checkpoints(tmp_path):
+    log = generate_live_commerce(SyntheticConfig(num_users=300, num_items=60, num_merchants=6,
+                                                 min_length=8, max_length=20, seed=1))
+    split = leave_one_out(log)
+    model = SASRec(ModelConfig(num_items=log.num_items, max_len=20, d_model=32, dropout=0.1))
+    cfg = TrainConfig(epochs=12, eval_every=4, lr=5e-3, batch_size=64, precision="fp32")
+    result = fit(model, split, cfg, run_dir=tmp_path, checkpoint_extra={"items": log.items.to_dict()})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, 13))
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"] - 0.3
+    pop = evaluate_ranking(Popularity(split.train, split.num_items), split.valid_inputs(), split.valid_targets,
+                           num_items=split.num_items, max_len=20, sampled=False)
+    assert result["best"]["valid_ndcg@10"] > pop["ndcg@10"] + 0.05, (result["best"], pop)
+    loaded, ckpt = load_checkpoint(tmp_path / "model.pt")
+    x = torch.tensor([[0, 3, 4, 5]])
+    model.eval()
+    assert torch.allclose(loaded.score(x), model.score(x))
+    assert ckpt["items"]["ids"][:2] == list(log.items.ids[:2])
+
+
+def test_load_checkpoint_rejects_other_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(ValueError, match="is not a fedrec checkpoint"):
+        load_checkpoint(other)
