@@ -47,6 +47,9 @@ class ModelConfig:
         Longest history the encoder reads (older items are cut).
     d_model, num_blocks, num_heads, dropout
         Transformer width, depth, attention heads and dropout probability.
+    ff_mult
+        Width of the feed-forward layer as a multiple of ``d_model`` (SASRec: 1, the default;
+        BERT4Rec and RecBole: 4, which costs ~20 % more per ML-1M epoch on CPU).
     loss
         ``"ce"`` full softmax cross-entropy over the catalogue (default), ``"sampled"`` softmax over
         the target and ``num_negatives`` catalogue negatives per user, ``"bce"`` binary
@@ -62,7 +65,8 @@ class ModelConfig:
     d_model: int = 64
     num_blocks: int = 2
     num_heads: int = 1
-    dropout: float = 0.2
+    dropout: float = 0.1
+    ff_mult: int = 1
     loss: str = "ce"
     num_negatives: int = 256
     tie_weights: bool = True
@@ -76,6 +80,7 @@ class ModelConfig:
             ("num_heads", self.num_heads >= 1 and self.d_model % self.num_heads == 0,
              f"a divisor of d_model={self.d_model}"),
             ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            ("ff_mult", self.ff_mult >= 1, ">= 1"),
             ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
             ("num_negatives", self.num_negatives >= 1, ">= 1"),
         ]
@@ -120,12 +125,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SASRec's point-wise feed-forward network (two ``d_model x d_model`` layers)."""
+    """Point-wise feed-forward network ``d -> ff_mult * d -> d`` with ReLU (SASRec: ff_mult = 1)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.d_model, config.d_model)
-        self.fc2 = nn.Linear(config.d_model, config.d_model)
+        self.fc1 = nn.Linear(config.d_model, config.ff_mult * config.d_model)
+        self.fc2 = nn.Linear(config.ff_mult * config.d_model, config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

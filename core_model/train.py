@@ -41,20 +41,24 @@ class TrainConfig:
     ``precision="bf16"`` runs the forward pass under bfloat16 autocast (weights, optimizer state
     and the loss stay float32); on CPUs with AVX-512 BF16 it is ~1.4x faster. ``"auto"`` picks
     bf16 on a CUDA GPU that supports it or a CPU with native bf16 instructions, fp32 otherwise.
+    ``compile=True`` trains through ``torch.compile`` (measured on a 2-core CPU: no faster than
+    eager after a ~40 s warm-up, so off by default; meant for GPUs); if compilation fails training
+    goes on eagerly and a warning says so. Evaluation always runs the plain model.
     """
 
-    epochs: int = 200
+    epochs: int = 70
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
     eval_every: int = 5
     patience: int = 4
     max_minutes: float | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -199,8 +203,13 @@ def train_epoch(
     generator: torch.Generator,
     device: torch.device,
     on_step: Callable[[int, int, float], None] | None = None,
+    forward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
 ) -> dict[str, float]:
-    """One pass over all users in random batches; returns mean loss and throughput."""
+    """One pass over all users in random batches; returns mean loss and throughput.
+
+    ``forward`` replaces ``model`` for the training forward pass (e.g. a compiled ``model``).
+    """
+    forward = forward or model
     model.train()
     steps = math.ceil(len(batches) / config.batch_size)
     total, users, start = 0.0, 0, time.perf_counter()
@@ -212,7 +221,7 @@ def train_epoch(
         inputs, targets = inputs.to(device), targets.to(device)
         negatives = negatives.to(device) if negatives is not None else None
         with autocast(device, config.precision):
-            _, loss = model(inputs, targets, negatives)
+            _, loss = forward(inputs, targets, negatives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -269,6 +278,24 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
+def compiled_forward(model: SASRec) -> Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """``torch.compile(model)``, falling back to the eager model (with a warning) if compiling fails."""
+    compiled = torch.compile(model, dynamic=True)
+    state = {"fn": compiled}
+
+    def forward(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        try:
+            return state["fn"](*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: train eagerly instead
+            if state["fn"] is model:
+                raise
+            logger.warning("torch.compile failed (%s: %s); training without compilation",
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            state["fn"] = model
+            return model(*args)
+    return forward
+
+
 def fit(
     model: SASRec,
     split: LeaveOneOutSplit,
@@ -301,10 +328,11 @@ def fit(
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bad_evals, train_seconds, epoch = 0, 0.0, 0
     stop_reason = "epochs"
+    forward = compiled_forward(model) if config.compile else model
     try:
         for epoch in range(1, config.epochs + 1):
             stats = train_epoch(model, batches, optimizer, config=config, epoch=epoch - 1, rng=rng,
-                                generator=generator, device=device, on_step=on_step)
+                                generator=generator, device=device, on_step=on_step, forward=forward)
             train_seconds += stats["seconds"]
             record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"],
                                       "epoch_seconds": stats["seconds"],
