@@ -7,6 +7,7 @@ Sections and their defaults (every key is optional; unknown keys are an error)::
     [model]   the fields of core_model.model.ModelConfig except num_items (taken from the data)
     [train]   the fields of core_model.train.TrainConfig
     [eval]    exclude_history = true  sampled = true  seed = 0
+    [federation]  rounds, strategy, partition, local training (see FederationConfig)
 
 Overrides use dotted keys with TOML values: ``train.lr=2e-3``, ``data.kind="ml-1m"`` (strings may
 be given without quotes: ``data.kind=ml-1m``).
@@ -24,6 +25,8 @@ from core_model.model import ModelConfig
 from core_model.train import TrainConfig
 
 DATA_KINDS = ("synthetic", "interactions", "sasrec", "ml-1m", "ml-100k", "twitch")
+STRATEGIES = ("fedavg", "fedadam", "fedprox")
+PARTITIONS = ("attribute", "group", "iid", "dirichlet-size", "dirichlet-label")
 
 
 @dataclass(frozen=True)
@@ -64,18 +67,89 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    """Federated training (``fedrec simulate``, the Flower ServerApp / ClientApp).
+
+    Each round the server samples ``fraction_train`` of the clients (at least
+    ``min_train_clients``), each trains ``local_epochs`` passes over its own users with the
+    ``[train]`` optimiser settings (``train.lr`` held constant, ``train.batch_size``), and the
+    server aggregates the returned weights weighted by the clients' numbers of users:
+
+    * ``fedavg``: the weighted mean (McMahan et al., AISTATS 2017);
+    * ``fedprox``: the same, clients add ``proximal_mu / 2 * ||w - w_global||^2`` (Li et al., MLSys 2020);
+    * ``fedadam``: the weighted mean delta is a pseudo-gradient for a server Adam with ``server_lr``,
+      ``server_beta1``, ``server_beta2``, ``server_tau`` (Reddi et al., ICLR 2021).
+
+    Partitions (``simulations/partition.py``): ``attribute`` (one client per value of the user
+    attribute ``partition_attribute``, e.g. ``region``, ``community``), ``group`` (a user's most
+    frequent interaction group, e.g. merchant), ``iid``, ``dirichlet-size`` and ``dirichlet-label``
+    (``num_clients`` clients, concentration ``dirichlet_alpha``). ``client_cpus`` / ``client_gpus``
+    are the simulation engine's resources per client (``client_gpus=-1``: a quarter GPU when CUDA is
+    present, none otherwise).
+    """
+
+    num_rounds: int = 20
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_train_clients: int = 1
+    local_epochs: int = 1
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    partition: str = "attribute"
+    partition_attribute: str = "region"
+    num_clients: int = 0
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    evaluate_every: int = 1
+    round_timeout: float = 3600.0
+    client_cpus: int = 1
+    client_gpus: float = -1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("num_rounds", self.num_rounds >= 1, ">= 1"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
+            ("fraction_train", 0.0 < self.fraction_train <= 1.0, "in (0, 1]"),
+            ("min_train_clients", self.min_train_clients >= 1, ">= 1"),
+            ("local_epochs", self.local_epochs >= 1, ">= 1"),
+            ("proximal_mu", self.proximal_mu >= 0, ">= 0"),
+            ("server_lr", self.server_lr > 0, "> 0"),
+            ("server_beta1", 0 <= self.server_beta1 < 1, "in [0, 1)"),
+            ("server_beta2", 0 <= self.server_beta2 < 1, "in [0, 1)"),
+            ("server_tau", self.server_tau > 0, "> 0"),
+            ("partition", self.partition in PARTITIONS, f"one of {PARTITIONS}"),
+            ("num_clients", self.num_clients >= 0, ">= 0"),
+            ("num_clients", self.partition in ("attribute", "group") or self.num_clients >= 1,
+             f">= 1 for partition={self.partition!r}"),
+            ("dirichlet_alpha", self.dirichlet_alpha > 0, "> 0"),
+            ("evaluate_every", self.evaluate_every >= 1, ">= 1"),
+            ("round_timeout", self.round_timeout > 0, "> 0"),
+            ("client_cpus", self.client_cpus >= 1, ">= 1"),
+            ("client_gpus", self.client_gpus == -1.0 or 0.0 <= self.client_gpus <= 1.0, "-1 (auto) or in [0, 1]"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"federation.{name} must be {expected}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def model_config(self, num_items: int) -> ModelConfig:
         return ModelConfig.from_dict({**self.model, "num_items": num_items})
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": asdict(self.data), "model": dict(self.model),
-                "train": self.train.to_dict(), "eval": asdict(self.eval)}
+                "train": self.train.to_dict(), "eval": asdict(self.eval),
+                "federation": asdict(self.federation)}
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any], exclude: Iterable[str] = ()) -> Any:
@@ -101,12 +175,15 @@ def _build(cls: type, section: str, values: Mapping[str, Any], exclude: Iterable
     return cls(**checked)
 
 
+SECTIONS = ("data", "model", "train", "eval", "federation")
+
+
 def build_config(values: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a nested mapping (as read from TOML) into an :class:`ExperimentConfig`."""
-    unknown = sorted(set(values) - {"data", "model", "train", "eval"})
+    unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; expected data, model, train, eval")
-    for section in ("data", "model", "train", "eval"):
+        raise ValueError(f"unknown config section(s) {unknown}; expected {', '.join(SECTIONS)}")
+    for section in SECTIONS:
         if not isinstance(values.get(section, {}), Mapping):
             raise ValueError(f"[{section}] must be a table, got {values[section]!r}")
     data_values = dict(values.get("data", {}))
@@ -123,7 +200,26 @@ def build_config(values: Mapping[str, Any]) -> ExperimentConfig:
         model=model_values,
         train=_build(TrainConfig, "train", dict(values.get("train", {}))),
         eval=_build(EvalConfig, "eval", dict(values.get("eval", {}))),
+        federation=_build(FederationConfig, "federation", dict(values.get("federation", {}))),
     )
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """Flower's flat run config (``{"federation.num-rounds": 3, "train.lr": 0.002}``) -> config.
+
+    Keys are dotted ``section.key`` with kebab-case (Flower's convention) or snake_case names;
+    an empty run config gives the defaults.
+    """
+    values: dict[str, Any] = {}
+    for dotted, value in run_config.items():
+        keys = [k.replace("-", "_") for k in str(dotted).split(".")]
+        if len(keys) < 2:
+            raise ValueError(f"run config key {dotted!r} must look like section.key")
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return build_config(values)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

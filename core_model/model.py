@@ -202,6 +202,33 @@ class SASRec(nn.Module):
     def _targets(self) -> nn.Embedding:
         return self.item_emb if self.target_emb is None else self.target_emb
 
+    def shareable_state(self) -> dict[str, torch.Tensor]:
+        """The state dict with each tied tensor once (``output.weight`` is ``item_emb.weight``), float32, CPU.
+
+        This is what travels between clients and server; :meth:`load_shareable_state` restores it.
+        """
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in self.state_dict().items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def load_shareable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`shareable_state`; a missing or unexpected key is an error naming it."""
+        expected = set(self.shareable_state())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"model state does not match this model: missing {missing}, unexpected {unexpected}")
+        own = self.state_dict()
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(f"model state {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"this model expects {tuple(own[name].shape)}")
+        self.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}}, strict=True)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -204,11 +204,18 @@ def train_epoch(
     device: torch.device,
     on_step: Callable[[int, int, float], None] | None = None,
     forward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+    proximal_mu: float = 0.0,
+    anchor: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One pass over all users in random batches; returns mean loss and throughput.
 
     ``forward`` replaces ``model`` for the training forward pass (e.g. a compiled ``model``).
+    With ``proximal_mu > 0`` the loss gets FedProx's ``mu / 2 * ||w - anchor||^2`` (Li et al.,
+    MLSys 2020), ``anchor`` being the global weights in ``model.parameters()`` order. The
+    reported loss is the recommendation loss alone.
     """
+    if proximal_mu > 0 and anchor is None:
+        raise ValueError("proximal_mu > 0 needs the anchor (global) weights")
     forward = forward or model
     model.train()
     steps = math.ceil(len(batches) / config.batch_size)
@@ -223,7 +230,11 @@ def train_epoch(
         with autocast(device, config.precision):
             _, loss = forward(inputs, targets, negatives)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if proximal_mu > 0:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            (loss + 0.5 * proximal_mu * prox).backward()
+        else:
+            loss.backward()
         optimizer.step()
         loss_value = float(loss.detach())
         total += loss_value * len(rows)
@@ -232,6 +243,39 @@ def train_epoch(
             on_step(step + 1, steps, loss_value)
     seconds = time.perf_counter() - start
     return {"loss": total / max(users, 1), "seconds": seconds, "users_per_second": users / seconds}
+
+
+def local_train(
+    model: SASRec,
+    train: Sequence[np.ndarray],
+    config: TrainConfig,
+    *,
+    epochs: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> dict[str, float]:
+    """Train ``model`` in place for ``epochs`` passes over ``train`` at the constant ``config.lr``.
+
+    The federated client's local update: a fresh optimizer each call (no optimizer state crosses
+    rounds), seeded with ``seed`` so that an update is reproducible. Returns the mean loss of the
+    last pass, the loss of the first, users and seconds.
+    """
+    device = select_device(config.device)
+    model.to(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = SequenceBatches(train, model.config.max_len)
+    optimizer = make_optimizer(model, config)
+    flat = TrainConfig(**{**config.to_dict(), "schedule": "constant", "warmup_epochs": 0.0})
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    first, stats = None, {}
+    for epoch in range(epochs):
+        stats = train_epoch(model, batches, optimizer, config=flat, epoch=epoch, rng=rng, generator=generator,
+                            device=device, proximal_mu=proximal_mu, anchor=anchor)
+        first = stats["loss"] if first is None else first
+    return {"loss": stats["loss"], "first_epoch_loss": first, "users": len(batches),
+            "seconds": stats["seconds"] * epochs}
 
 
 def evaluate_model(

@@ -4,6 +4,8 @@
     fedrec evaluate   --checkpoint RUN/model.pt [--data-kind K --data PATH]
     fedrec recommend  --checkpoint RUN/model.pt --history ID [ID ...] [-k 10] [--json]
     fedrec synthesize --out FILE.csv [--set data.synthetic.num_users=...]
+    fedrec simulate   [--config FILE] [--data-kind K --data PATH] [--set key=value ...] [--out DIR]
+    fedrec simulate   --resume RUN_DIR
 
 With no data given, ``train`` uses the built-in SYNTHETIC live-commerce log. This module is the
 only place that configures logging and draws progress bars.
@@ -177,6 +179,39 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.runner import load_run_config, simulate
+
+    if args.resume:
+        if args.config or args.data or args.data_kind or args.overrides:
+            raise ValueError("--resume continues a run with its own config.json; do not combine it with "
+                             "--config, --data, --data-kind or --set")
+        cfg, out = load_run_config(args.resume), Path(args.resume)
+    else:
+        cfg = _config_from_args(args)
+        out = Path(args.out or f"runs/simulate-{time.strftime('%Y%m%d-%H%M%S')}")
+    fed = cfg.federation
+    print(f"federated simulation: {fed.strategy}, {fed.num_rounds} rounds, partition={fed.partition}, "
+          f"data={cfg.data.kind}{' (SYNTHETIC)' if cfg.data.kind == 'synthetic' else ''}; run directory {out}",
+          flush=True)
+
+    def on_round(r: dict[str, Any]) -> None:
+        msg = (f"round {r['round']:3d}/{fed.num_rounds}  clients {r['clients_ok']}/{r['clients_sampled']}"
+               f"{' (' + str(r['clients_failed']) + ' failed)' if r['clients_failed'] else ''}")
+        if "train_loss" in r:
+            msg += f"  loss {r['train_loss']:.4f}"
+        if "test_ndcg@10" in r:
+            msg += f"  NDCG@10 {r['test_ndcg@10']:.4f}  HR@10 {r['test_hr@10']:.4f}"
+        print(msg + f"  {r['seconds']:.1f}s", flush=True)
+
+    results = simulate(cfg, out, resume=bool(args.resume), on_round=on_round)
+    print(f"final global model after {results['rounds']} rounds, {results['clients']} clients "
+          f"({results['protocol']}):")
+    _print_table([("federated SASRec", results["test"]), ("popularity", results["popularity_test"])])
+    print(f"run directory {out}: metrics.jsonl, rounds.png, model.pt, results.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -207,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
 
+    p = sub.add_parser("simulate", help="federated training on Flower's simulation engine")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default runs/simulate-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its checkpoint")
+    p.set_defaults(func=cmd_simulate)
+
     p = sub.add_parser("synthesize", help="write the SYNTHETIC live-commerce log as CSV")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -219,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
+    for noisy in ("matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

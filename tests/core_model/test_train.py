@@ -39,7 +39,7 @@ def test_learning_rate_schedule():
     assert lr_factor(cfg, 1.0) == pytest.approx(0.5)
     assert lr_factor(cfg, 2.0) == pytest.approx(1.0)
     assert lr_factor(cfg, 10.0) == pytest.approx(0.1)
-    assert lr_factor(TrainConfig(), 7.3) == 1.0
+    assert lr_factor(TrainConfig(schedule="constant", warmup_epochs=0), 7.3) == 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,0 +1,100 @@
+"""Flower ClientApp: translates Flower messages to and from ``core_model`` training and evaluation.
+
+Each client holds its own users (its partition in a simulation, its own data in a deployment).
+On a ``train`` message it loads the global weights, trains ``federation.local_epochs`` passes over
+its users with the ``[train]`` settings, and replies with its weights and
+``num-examples`` = its number of users (the FedAvg weight). On an ``evaluate`` message it reports
+leave-one-out test metrics of the global model on its users (full ranking, history excluded).
+
+``make_client_app(config, data)`` builds the app for the simulation runner (config and data source
+travel with the app); the module-level ``app`` is the one ``flwr run`` loads, reading the
+run config from Flower's ``Context``.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from core_model.config import ExperimentConfig, config_from_run_config
+from core_model.data import LeaveOneOutSplit
+from core_model.model import SASRec
+from core_model.train import evaluate_model, local_train, select_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientData:
+    """What one client holds: its users' leave-one-out split, the (public) catalogue size, a name."""
+
+    split: LeaveOneOutSplit
+    num_items: int
+    name: str
+
+
+DataSource = Callable[[ExperimentConfig, Context], ClientData]
+"""Returns the data of the client that ``Context`` describes (``node_config``)."""
+
+
+def default_data_source(config: ExperimentConfig, context: Context) -> ClientData:
+    """Simulation: the partition named by ``node_config["partition-id"]``."""
+    from simulations.clients import simulated_client_data
+    return simulated_client_data(config, int(context.node_config["partition-id"]))
+
+
+def client_seed(base: int, server_round: int, client: str) -> int:
+    """A per-round, per-client seed that does not depend on Python's hash randomisation."""
+    return (base * 1_000_003 + server_round * 7919 + zlib.crc32(client.encode())) % (2 ** 31)
+
+
+def _model(config: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> SASRec:
+    model = SASRec(config.model_config(data.num_items))
+    model.load_shareable_state(arrays.to_torch_state_dict())
+    return model
+
+
+def make_client_app(config: ExperimentConfig | None = None, data: DataSource | None = None) -> ClientApp:
+    """A ClientApp bound to ``config`` (or the run config) and a data source (or the simulated one)."""
+    app = ClientApp()
+    source = data or default_data_source
+
+    def resolve(context: Context) -> tuple[ExperimentConfig, ClientData]:
+        cfg = config or config_from_run_config(context.run_config)
+        return cfg, source(cfg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, data = resolve(context)
+        server_round = int(msg.content["config"]["server-round"])
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        model = _model(cfg, data, msg.content["arrays"])
+        stats = local_train(model, data.split.train, cfg.train, epochs=cfg.federation.local_epochs,
+                            seed=client_seed(cfg.federation.seed, server_round, data.name), proximal_mu=mu)
+        logger.debug("client %s round %d: %d users, loss %.4f", data.name, server_round, len(data.split),
+                     stats["loss"])
+        metrics = MetricRecord({"num-examples": int(len(data.split)), "train-loss": float(stats["loss"]),
+                                "train-seconds": float(stats["seconds"])})
+        return Message(RecordDict({"arrays": ArrayRecord(model.shareable_state()), "metrics": metrics}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, data = resolve(context)
+        device = select_device(cfg.train.device)
+        model = _model(cfg, data, msg.content["arrays"]).to(device)
+        m = evaluate_model(model, data.split, which="test", exclude_history=cfg.eval.exclude_history,
+                           sampled=False, device=device)
+        metrics = MetricRecord({"num-examples": int(len(data.split)), "ndcg@10": float(m["ndcg@10"]),
+                                "hr@10": float(m["hr@10"]), "mrr": float(m["mrr"])})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

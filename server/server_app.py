@@ -1,0 +1,198 @@
+"""Flower ServerApp: builds the strategy and runs the rounds, with a checkpoint after every round.
+
+The round loop is ours (Flower 1.41's ``Strategy.start`` always begins at round 1 and cannot
+resume); each round uses the strategy's own ``configure_train`` / ``aggregate_train`` /
+``configure_evaluate`` / ``aggregate_evaluate``:
+
+1. sample clients, send the global weights and the round config, wait for replies;
+2. aggregate the replies weighted by ``num-examples`` (users); error replies are counted
+   (``clients_failed``) and left out, and a round in which no client succeeded keeps the model;
+3. every ``federation.evaluate_every`` rounds, federated evaluation on the clients' test targets
+   (weighted by users);
+4. write ``checkpoint.pt`` (weights, round, strategy state, sampling RNG) atomically, then the
+   round's line in ``metrics.jsonl`` and the ``model.pt`` artifact (servable by ``fedrec
+   recommend``).
+
+On resume the loop starts after the checkpoint's round; ``metrics.jsonl`` lines of rounds after
+it (written before a crash but not checkpointed) are dropped, so no round is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from core_model.config import ExperimentConfig, FederationConfig, config_from_run_config
+from core_model.data import Vocabulary
+from core_model.model import SASRec
+from core_model.train import save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def build_strategy(fed: FederationConfig, *, num_clients: int | None = None) -> Strategy:
+    """FedAvg / FedProx / FedAdam from ``fed``, weighted by the clients' numbers of users."""
+    common: dict[str, Any] = dict(
+        fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=fed.min_train_clients,
+        min_evaluate_nodes=1, min_available_nodes=num_clients or fed.min_train_clients,
+        weighted_by_key="num-examples")
+    if fed.strategy == "fedavg":
+        return FedAvg(**common)
+    if fed.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=fed.proximal_mu)
+    return FedAdam(**common, eta=fed.server_lr, beta_1=fed.server_beta1, beta_2=fed.server_beta2,
+                   tau=fed.server_tau)
+
+
+def _float32(arrays: ArrayRecord) -> ArrayRecord:
+    """FedAdam returns float64 arrays (numpy promotion); the model and the wire stay float32."""
+    return ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()})
+
+
+def _strategy_state(strategy: Strategy) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for name in ("current_arrays", "m_t", "v_t"):  # FedOpt family (FedAdam)
+        value = getattr(strategy, name, None)
+        if value is not None:
+            state[name] = {k: torch.from_numpy(np.asarray(v)) for k, v in value.items()}
+    return state
+
+
+def _restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["round"] <= last_round]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class RoundLoop:
+    """The federated rounds of one run, checkpointed into ``run_dir``."""
+
+    def __init__(self, config: ExperimentConfig, *, run_dir: Path, items: Vocabulary,
+                 item_titles: list[str] | None = None, num_clients: int | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.items = items
+        self.item_titles = item_titles
+        self.num_clients = num_clients
+        self.on_round = on_round
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        fed = self.config.federation
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(fed.seed)
+        model = SASRec(self.config.model_config(len(self.items)))
+        strategy = build_strategy(fed, num_clients=self.num_clients)
+        ckpt_path = self.run_dir / CHECKPOINT
+        start = 1
+        if ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, weights_only=False)
+            model.load_shareable_state(ckpt["model"])
+            _restore_strategy(strategy, ckpt["strategy"])
+            random.setstate(ckpt["random_state"])
+            start = ckpt["round"] + 1
+            _truncate_metrics(self.run_dir / METRICS, ckpt["round"])
+            logger.info("resuming from %s after round %d of %d", ckpt_path, ckpt["round"], fed.num_rounds)
+        else:
+            random.seed(fed.seed)  # Flower samples clients with the global `random`
+        arrays = ArrayRecord(model.shareable_state())
+        for rnd in range(start, fed.num_rounds + 1):
+            arrays = self._round(grid, strategy, rnd, arrays, model)
+        return {"rounds": fed.num_rounds, "resumed_from": start - 1}
+
+    def _round(self, grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord, model: SASRec) -> ArrayRecord:
+        fed = self.config.federation
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"round": rnd}
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({"local-epochs": fed.local_epochs}), grid))
+        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                logger.warning("round %d: client node %s failed: %s", rnd, r.metadata.src_node_id, r.error.reason)
+        record.update({"clients_sampled": len(messages), "clients_ok": len(ok),
+                       "clients_failed": len(messages) - len(ok)})
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new_arrays is None:
+            logger.warning("round %d: no client update could be aggregated; the model is unchanged", rnd)
+            record["aggregated"] = False
+        else:
+            arrays = _float32(new_arrays)
+            record["aggregated"] = True
+        if train_metrics is not None:
+            record["train_loss"] = float(train_metrics["train-loss"])
+            record["users_trained"] = int(sum(int(r.content["metrics"]["num-examples"]) for r in ok))
+        if rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds:
+            eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid))
+            eval_replies = list(grid.send_and_receive(eval_msgs, timeout=fed.round_timeout))
+            metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+            if metrics is not None:
+                record.update({f"test_{k}": float(v) for k, v in metrics.items()})
+            record["eval_clients_failed"] = sum(1 for r in eval_replies if r.has_error()) + (
+                len(eval_msgs) - len(eval_replies))
+        record["seconds"] = time.perf_counter() - t0
+        self._checkpoint(rnd, arrays, strategy, model, record)
+        if self.on_round is not None:
+            self.on_round(record)
+        return arrays
+
+    def _checkpoint(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, model: SASRec,
+                    record: dict[str, Any]) -> None:
+        state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        tmp = self.run_dir / (CHECKPOINT + ".tmp")
+        torch.save({"round": rnd, "model": state, "strategy": _strategy_state(strategy),
+                    "random_state": random.getstate(), "config": self.config.to_dict()}, tmp)
+        tmp.replace(self.run_dir / CHECKPOINT)  # atomic: the round is done once this file says so
+        with (self.run_dir / METRICS).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        model.load_shareable_state(state)
+        save_checkpoint(self.run_dir / "model.pt", model, extra={
+            "items": self.items.to_dict(), "item_titles": self.item_titles, "round": rnd,
+            "data_config": self.config.to_dict()["data"], "eval_config": self.config.to_dict()["eval"],
+            "federation": self.config.to_dict()["federation"]})
+
+
+def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | None = None,
+                    items: Vocabulary | None = None, item_titles: list[str] | None = None,
+                    num_clients: int | None = None,
+                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+    """A ServerApp bound to a config and run directory (simulation runner), or reading the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config or config_from_run_config(context.run_config)
+        catalogue, titles = items, item_titles
+        if catalogue is None:  # `flwr run`: the item catalogue is public; read it from the data source
+            from core_model.pipeline import load_log
+            log = load_log(cfg.data)
+            catalogue, titles = log.items, log.item_features.get("title")
+        out = run_dir or Path("runs") / time.strftime("flwr-%Y%m%d-%H%M%S")
+        RoundLoop(cfg, run_dir=out, items=catalogue, item_titles=titles, num_clients=num_clients,
+                  on_round=on_round).run(grid)
+
+    return app
+
+
+app = make_server_app()
