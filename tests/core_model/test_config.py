@@ -54,3 +54,29 @@ def test_bad_file(tmp_path):
     bad.write_text("[train\n")
     with pytest.raises(ValueError, match="bad.toml: not valid TOML"):
         load_config(bad)
+
+
+def test_federation_section_and_flower_run_config():
+    from core_model.config import config_from_run_config
+    cfg = load_config(None, ["federation.strategy=fedadam", "federation.num_rounds=3"])
+    assert cfg.federation.strategy == "fedadam" and cfg.federation.num_rounds == 3
+    flat = config_from_run_config({"federation.num-rounds": 5, "federation.partition": "iid",
+                                   "federation.num-clients": 4, "train.lr": 0.01, "data.kind": "synthetic"})
+    assert (flat.federation.num_rounds, flat.federation.num_clients, flat.train.lr) == (5, 4, 0.01)
+    assert config_from_run_config({}) == load_config()
+    with pytest.raises(ValueError, match="unknown key\\(s\\) federation.rounds"):
+        config_from_run_config({"federation.rounds": 5})
+    with pytest.raises(ValueError, match="must look like section.key"):
+        config_from_run_config({"rounds": 5})
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["federation.strategy=fedsgd"], "federation.strategy must be one of"),
+    (["federation.partition=iid"], "federation.num_clients must be >= 1 for partition='iid', got 0"),
+    (["federation.fraction_train=0"], "federation.fraction_train must be in (0, 1], got 0.0"),
+    (["federation.client_gpus=2"], "federation.client_gpus must be -1 (auto) or in [0, 1], got 2.0"),
+])
+def test_bad_federation_settings(overrides, needle):
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)

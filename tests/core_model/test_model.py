@@ -20,8 +20,12 @@ INPUTS = torch.tensor([[0, 3, 4, 5, 6], [1, 2, 9, 10, 11]])  # (2, 5), user 0 le
 TARGETS = torch.tensor([[0, 4, 5, 6, 7], [2, 9, 10, 11, 3]])
 
 
-def test_changing_future_items_never_changes_earlier_outputs():
-    model = make()
+VARIANTS = [dict(block=b, positions=p) for b in ("sasrec", "pre_ln") for p in ("from_start", "from_end")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_changing_future_items_never_changes_earlier_outputs(variant):
+    model = make(**variant)
     h = model.encode(INPUTS)
     for t in range(5):
         changed = INPUTS.clone()
@@ -32,8 +36,9 @@ def test_changing_future_items_never_changes_earlier_outputs():
             assert not torch.allclose(h[:, t:], h2[:, t:]), "the change had no effect at all"
 
 
-def test_extra_left_padding_does_not_change_outputs():
-    model = make()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_extra_left_padding_does_not_change_outputs(variant):
+    model = make(**variant)
     short = torch.tensor([[3, 4, 5]])
     padded = torch.tensor([[0, 0, 3, 4, 5]])
     assert torch.allclose(model.encode(short)[:, -3:], model.encode(padded)[:, -3:], atol=1e-6)
@@ -142,3 +147,24 @@ def test_unknown_config_key_is_an_error():
         ModelConfig.from_dict({"num_items": 3, "hidden": 4})
 
 
+
+
+def test_shareable_state_sends_tied_weights_once_and_round_trips():
+    model = make()
+    state = model.shareable_state()
+    assert "item_emb.weight" in state and "output.weight" not in state
+    other = make()
+    for p in other.parameters():
+        torch.nn.init.zeros_(p)
+    other.load_shareable_state(state)
+    assert other.output.weight is other.item_emb.weight
+    assert torch.equal(other(INPUTS)[0], model(INPUTS)[0])
+
+
+def test_loading_a_mismatched_state_names_the_problem():
+    model = make()
+    state = model.shareable_state()
+    with pytest.raises(ValueError, match="missing \\['ln_f.bias'\\]"):
+        model.load_shareable_state({k: v for k, v in state.items() if k != "ln_f.bias"})
+    with pytest.raises(ValueError, match="'item_emb.weight' has shape \\(13, 8\\), this model expects \\(12, 8\\)"):
+        model.load_shareable_state({**state, "item_emb.weight": torch.zeros(13, 8)})

@@ -76,3 +76,19 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
     torch.save({"weights": 1}, other)
     with pytest.raises(ValueError, match="is not a fedrec checkpoint"):
         load_checkpoint(other)
+
+
+def test_length_buckets_cover_every_user_once_with_less_padding():
+    rng = np.random.default_rng(0)
+    seqs = [np.arange(1, int(n) + 1) for n in rng.integers(2, 60, 500)]
+    b = SequenceBatches(seqs, max_len=50)
+    for bucketed in (False, True):
+        rows = list(b.shuffled(32, np.random.default_rng(1), bucketed=bucketed))
+        assert sorted(np.concatenate(rows).tolist()) == list(range(500))
+    def padded(bucketed):
+        return sum(len(r) * int(b.lengths[r].max()) for r in b.shuffled(32, np.random.default_rng(1), bucketed=bucketed))
+    assert padded(True) < 0.75 * padded(False)
+    first = [r.tolist() for r in b.shuffled(32, np.random.default_rng(2), bucketed=True)]
+    again = [r.tolist() for r in b.shuffled(32, np.random.default_rng(2), bucketed=True)]
+    other = [r.tolist() for r in b.shuffled(32, np.random.default_rng(3), bucketed=True)]
+    assert first == again and first != other
