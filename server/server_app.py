@@ -107,7 +107,7 @@ class RoundLoop:
         ckpt_path = self.run_dir / CHECKPOINT
         start = 1
         if ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, weights_only=False)
+            ckpt = torch.load(ckpt_path, weights_only=True)
             model.load_shareable_state(ckpt["model"])
             _restore_strategy(strategy, ckpt["strategy"])
             random.setstate(ckpt["random_state"])

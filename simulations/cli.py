@@ -86,6 +86,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['interactions']} interactions; {len(split)} users kept for leave-one-out "
           f"({split.removed_short_users} removed with fewer than {cfg.data.min_length} interactions)")
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    used = [name for name in ("model.pt", "metrics.jsonl") if (out / name).exists()]
+    if used:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(used)}); choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (out / "data.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -48,6 +48,11 @@ def test_recommend_unknown_item_is_a_clear_error(trained, capsys):
     assert "'no-such-item' at position 1 is not in the model's catalogue" in err
 
 
+def test_train_refuses_a_used_run_directory(trained, capsys):
+    assert main(["train", "--out", str(trained), "--quiet", *TINY]) == 2
+    assert "already holds a run (model.pt, metrics.jsonl)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["train", "--set", "train.lr=-1"], "lr must be > 0, got -1.0"),
     (["train", "--data-kind", "sasrec", "--data", "/nonexistent/log.txt"], "/nonexistent/log.txt"),
