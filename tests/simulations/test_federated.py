@@ -38,7 +38,7 @@ def rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def by_hand(cfg, num_rounds: int) -> dict[str, torch.Tensor]:
+def by_hand(cfg, num_rounds: int, *, weighted: bool = True) -> dict[str, torch.Tensor]:
     """FedAvg recomputed without Flower: the same initial model, local training and seeds."""
     log, split, partition = load_federation(cfg)
     torch.manual_seed(cfg.federation.seed)
@@ -53,14 +53,18 @@ def by_hand(cfg, num_rounds: int) -> dict[str, torch.Tensor]:
             local_train(model, client_split.train, cfg.train, epochs=cfg.federation.local_epochs,
                         seed=client_seed(cfg.federation.seed, rnd, partition.names[cid]))
             updates.append(model.shareable_state())
-            weights.append(len(client_split))
+            weights.append(len(client_split) if weighted else 1)
         w = np.array(weights, dtype=np.float64) / sum(weights)
         state = {k: sum(float(wi) * u[k].double() for wi, u in zip(w, updates)).float() for k in state}
     return state
 
 
 def test_three_clients_two_rounds_loss_falls_and_aggregate_is_the_weighted_mean(tmp_path):
-    cfg = load_config(None, [*TINY, "federation.num_rounds=2"])
+    # unequal clients, so that a weighted and an unweighted mean differ
+    cfg = load_config(None, [*TINY, "federation.num_rounds=2", "federation.partition=dirichlet-size",
+                             "federation.dirichlet_alpha=1.0"])
+    sizes = load_federation(cfg)[2].sizes()
+    assert len(set(sizes.tolist())) == 3, sizes
     results = simulate(cfg, tmp_path)
     rows = rounds(tmp_path)
     assert [r["round"] for r in rows] == [1, 2]
@@ -75,6 +79,8 @@ def test_three_clients_two_rounds_loss_falls_and_aggregate_is_the_weighted_mean(
     assert set(got) == set(expected)
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
+    unweighted = by_hand(cfg, 2, weighted=False)
+    assert any(not torch.allclose(got[n], unweighted[n], atol=1e-5, rtol=1e-4) for n in expected)
 
 
 def test_a_run_killed_mid_way_resumes_without_repeating_rounds(tmp_path):
