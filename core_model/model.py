@@ -311,9 +311,10 @@ class SASRec(nn.Module):
 
     def _ce_loss(self, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         B, T, _ = h.shape
-        # Softmax over the V + 1 output columns: column 0 is the padding item, whose embedding is
-        # fixed at zero, so it adds a constant logit 0 to every softmax (not sliced away: slicing
-        # makes the (N, V) tensor non-contiguous and costs a third of the step on CPU).
+        # Softmax over the V + 1 output columns: column 0 (the padding row of the tied table) is a
+        # class that is never a target, so training only pushes its logit down; scoring drops it.
+        # It is not sliced away here: slicing makes the (N, V) tensor non-contiguous and costs a
+        # third of the step on CPU.
         if self.packed:
             rows = valid.nonzero(as_tuple=True)
             logits = self.output(h[rows]).float()  # (N, V + 1)
