@@ -23,6 +23,7 @@ from typing import Any
 
 from core_model.model import ModelConfig
 from core_model.train import TrainConfig
+from core_model.validation import check_fields
 
 DATA_KINDS = ("synthetic", "interactions", "sasrec", "ml-1m", "ml-100k", "twitch")
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
@@ -130,9 +131,7 @@ class FederationConfig:
             ("client_cpus", self.client_cpus >= 1, ">= 1"),
             ("client_gpus", self.client_gpus == -1.0 or 0.0 <= self.client_gpus <= 1.0, "-1 (auto) or in [0, 1]"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"federation.{name} must be {expected}, got {getattr(self, name)!r}")
+        check_fields(self, checks, prefix='federation.')
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ Where this deviates from the paper's reference code:
 * The loss is reduced per user first (mean over that user's positions) and then over users, so
   that one user's whole sequence is one example (the unit of privacy for DP-SGD).
 
-Imports torch only.
+Imports torch (and the stdlib-only core_model.validation) only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from core_model.validation import check_fields
 
 LOSSES = ("ce", "sampled", "bce")
 
@@ -99,9 +101,7 @@ class ModelConfig:
             ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
             ("num_negatives", self.num_negatives >= 1, ">= 1"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        check_fields(self, checks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

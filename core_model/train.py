@@ -25,6 +25,7 @@ import torch
 from core_model.data import LeaveOneOutSplit
 from core_model.evaluate import evaluate_ranking
 from core_model.model import ModelConfig, SASRec
+from core_model.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,7 @@ class TrainConfig:
             ("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1 or None"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        check_fields(self, checks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
