@@ -2,7 +2,7 @@
 
 Each client holds its own users (its partition in a simulation, its own data in a deployment).
 On a ``train`` message it loads the global weights, trains ``federation.local_epochs`` passes over
-its users with the ``[train]`` settings, and replies with its weights and
+its users with the ``[train]`` settings at the learning rate the server sent (``lr``), and replies with its weights and
 ``num-examples`` = its number of users (the FedAvg weight). On an ``evaluate`` message it reports
 leave-one-out test metrics of the global model on its users (full ranking, history excluded).
 
@@ -14,11 +14,12 @@ run config from Flower's ``Context``.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from core_model.config import ExperimentConfig, config_from_run_config
@@ -53,6 +54,14 @@ def client_seed(base: int, server_round: int, client: str) -> int:
     return (base * 1_000_003 + server_round * 7919 + zlib.crc32(client.encode())) % (2 ** 31)
 
 
+def round_lr(round_config: ConfigRecord, default: float) -> float:
+    """The learning rate the server sent for this round (``lr``), or ``default`` when it sent none."""
+    lr = round_config.get("lr", default)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"round config 'lr' = {lr!r}: expected a finite number > 0 (the clients' learning rate)")
+    return float(lr)
+
+
 def _model(config: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> SASRec:
     model = SASRec(config.model_config(data.num_items))
     model.load_shareable_state(arrays.to_torch_state_dict())
@@ -73,8 +82,9 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
         cfg, data = resolve(context)
         server_round = int(msg.content["config"]["server-round"])
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        lr = round_lr(msg.content["config"], cfg.train.lr)
         model = _model(cfg, data, msg.content["arrays"])
-        stats = local_train(model, data.split.train, cfg.train, epochs=cfg.federation.local_epochs,
+        stats = local_train(model, data.split.train, replace(cfg.train, lr=lr), epochs=cfg.federation.local_epochs,
                             seed=client_seed(cfg.federation.seed, server_round, data.name), proximal_mu=mu)
         logger.debug("client %s round %d: %d users, loss %.4f", data.name, server_round, len(data.split),
                      stats["loss"])

@@ -73,8 +73,12 @@ class FederationConfig:
 
     Each round the server samples ``fraction_train`` of the clients (at least
     ``min_train_clients``), each trains ``local_epochs`` passes over its own users with the
-    ``[train]`` optimiser settings (``train.lr`` held constant, ``train.batch_size``), and the
-    server aggregates the returned weights weighted by the clients' numbers of users:
+    ``[train]`` optimiser settings (``train.batch_size``; learning rate below), and the
+    server aggregates the returned weights weighted by the clients' numbers of users. The clients'
+    learning rate is set by the server each round: ``train.lr`` throughout
+    (``lr_schedule="constant"``) or decayed over the rounds with a cosine from ``train.lr`` in
+    round 1 to 10 % of it in the last round (``"cosine"``, the centralized schedule's shape), sent
+    as ``lr`` in the round's config.
 
     * ``fedavg``: the weighted mean (McMahan et al., AISTATS 2017);
     * ``fedprox``: the same, clients add ``proximal_mu / 2 * ||w - w_global||^2`` (Li et al., MLSys 2020);
@@ -94,6 +98,7 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_train_clients: int = 1
     local_epochs: int = 1
+    lr_schedule: str = "cosine"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     server_beta1: float = 0.9
@@ -116,6 +121,7 @@ class FederationConfig:
             ("fraction_train", 0.0 < self.fraction_train <= 1.0, "in (0, 1]"),
             ("min_train_clients", self.min_train_clients >= 1, ">= 1"),
             ("local_epochs", self.local_epochs >= 1, ">= 1"),
+            ("lr_schedule", self.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
             ("proximal_mu", self.proximal_mu >= 0, ">= 0"),
             ("server_lr", self.server_lr > 0, "> 0"),
             ("server_beta1", 0 <= self.server_beta1 < 1, "in [0, 1)"),

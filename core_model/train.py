@@ -46,6 +46,9 @@ class TrainConfig:
     eager after a ~40 s warm-up, so off by default; meant for GPUs); if compilation fails training
     goes on eagerly and a warning says so. Evaluation always runs the plain model.
     ``length_buckets`` batches users of similar history length together (less padding).
+    ``user_sampling="uniform"`` passes over every user once per epoch; ``"by-length"`` draws users
+    with probability proportional to their number of training positions (see
+    ``SequenceBatches.shuffled``); for non-private training only (DP-SGD samples users uniformly).
     """
 
     epochs: int = 90
@@ -62,6 +65,7 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False
     length_buckets: bool = True
+    user_sampling: str = "uniform"
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +82,7 @@ class TrainConfig:
             ("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              "'auto', 'cpu', 'cuda' or 'cuda:N'"),
             ("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
+            ("user_sampling", self.user_sampling in ("uniform", "by-length"), "'uniform' or 'by-length'"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1 or None"),
         ]
         check_fields(self, checks)
@@ -130,20 +135,37 @@ class SequenceBatches:
                 torch.from_numpy(self.targets[rows, -T:]))  # (B, T)
 
     def shuffled(self, batch_size: int, generator: np.random.Generator, *,
-                 bucketed: bool = False) -> Iterator[np.ndarray]:
+                 bucketed: bool = False, by_length: bool = False) -> Iterator[np.ndarray]:
         """Row batches in random order.
 
         ``bucketed``: users of similar length share a batch (sorted by length with random
         tie-breaks, cut into batches, batches shuffled), so a batch pads to little more than its
-        own users' lengths; every user is still in exactly one batch per epoch.
+        own users' lengths.
+
+        ``by_length=False``: every user is in exactly one batch per epoch. ``True``: users are
+        drawn with replacement with probability proportional to their number of training
+        positions, as many draws as give the epoch the same expected number of positions as one
+        pass over all users. Each user's loss is still the mean over that user's positions, so in
+        expectation the gradient equals that of a loss averaged over all positions of the data
+        (heavy users weigh more), at the cost per epoch of an ordinary pass.
         """
-        if not bucketed:
+        if by_length:
+            lengths = self.lengths.astype(np.float64)
+            total = lengths.sum()
+            if total <= 0:
+                return
+            draws = max(1, int(round(total * total / float((lengths * lengths).sum()))))
+            order = generator.choice(len(self), size=draws, replace=True, p=lengths / total)
+            if bucketed:
+                order = order[np.lexsort((generator.random(len(order)), self.lengths[order]))]
+        elif bucketed:
+            order = np.lexsort((generator.random(len(self)), self.lengths))  # by length, ties at random
+        else:
             order = generator.permutation(len(self))
-            chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        if not bucketed:
             yield from chunks
             return
-        order = np.lexsort((generator.random(len(self)), self.lengths))  # by length, ties at random
-        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         for k in generator.permutation(len(chunks)):
             yield chunks[k]
 
@@ -232,9 +254,11 @@ def train_epoch(
         raise ValueError("proximal_mu > 0 needs the anchor (global) weights")
     forward = forward or model
     model.train()
-    steps = math.ceil(len(batches) / config.batch_size)
+    epoch_batches = list(batches.shuffled(config.batch_size, rng, bucketed=config.length_buckets,
+                                          by_length=config.user_sampling == "by-length"))
+    steps = max(len(epoch_batches), 1)
     total, users, start = 0.0, 0, time.perf_counter()
-    for step, rows in enumerate(batches.shuffled(config.batch_size, rng, bucketed=config.length_buckets)):
+    for step, rows in enumerate(epoch_batches):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, epoch + step / steps)
         inputs, targets = batches.batch(rows)

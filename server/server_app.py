@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -56,6 +57,18 @@ def build_strategy(fed: FederationConfig, *, num_clients: int | None = None) -> 
         return FedProx(**common, proximal_mu=fed.proximal_mu)
     return FedAdam(**common, eta=fed.server_lr, beta_1=fed.server_beta1, beta_2=fed.server_beta2,
                    tau=fed.server_tau)
+
+
+def client_lr(config: ExperimentConfig, server_round: int) -> float:
+    """The clients' learning rate in ``server_round`` (1-based), per ``federation.lr_schedule``.
+
+    ``cosine`` decays from ``train.lr`` in round 1 to 10 % of it in the last round.
+    """
+    fed, peak = config.federation, config.train.lr
+    if fed.lr_schedule == "constant" or fed.num_rounds == 1:
+        return peak
+    t = (server_round - 1) / (fed.num_rounds - 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0))))
 
 
 def _float32(arrays: ArrayRecord) -> ArrayRecord:
@@ -125,7 +138,9 @@ class RoundLoop:
         fed = self.config.federation
         t0 = time.perf_counter()
         record: dict[str, Any] = {"round": rnd}
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({"local-epochs": fed.local_epochs}), grid))
+        round_config = ConfigRecord({"local-epochs": fed.local_epochs, "lr": client_lr(self.config, rnd)})
+        record["lr"] = float(round_config["lr"])
+        messages = list(strategy.configure_train(rnd, arrays, round_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
         ok = [r for r in replies if not r.has_error()]
         for r in replies:

@@ -92,3 +92,21 @@ def test_length_buckets_cover_every_user_once_with_less_padding():
     again = [r.tolist() for r in b.shuffled(32, np.random.default_rng(2), bucketed=True)]
     other = [r.tolist() for r in b.shuffled(32, np.random.default_rng(3), bucketed=True)]
     assert first == again and first != other
+
+
+def test_by_length_sampling_draws_users_in_proportion_to_their_positions():
+    # two kinds of users: 100 with 4 positions, 100 with 40 positions
+    seqs = [np.arange(1, 6)] * 100 + [np.arange(1, 42)] * 100
+    b = SequenceBatches(seqs, max_len=50)
+    counts = np.zeros(200)
+    positions = []
+    for seed in range(30):
+        for bucketed in (False, True):
+            rows = np.concatenate(list(b.shuffled(16, np.random.default_rng(seed), bucketed=bucketed, by_length=True)))
+            np.add.at(counts, rows, 1)
+            positions.append(int(b.lengths[rows].sum()))
+    # a long user is drawn ~10x as often as a short one; an epoch has the positions of one full pass
+    assert 8.5 < counts[100:].sum() / counts[:100].sum() < 11.5
+    assert abs(np.mean(positions) / b.num_positions - 1) < 0.05
+    with pytest.raises(ValueError, match="user_sampling"):
+        TrainConfig(user_sampling="by-weight")

@@ -14,16 +14,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from client.client_app import client_seed
+from flwr.app import ConfigRecord
+
+from client.client_app import client_seed, round_lr
 from core_model.config import load_config
 from core_model.model import SASRec
 from core_model.train import local_train
+from server.server_app import client_lr
 from simulations.clients import load_federation
 from simulations.runner import simulate
 
@@ -50,7 +54,8 @@ def by_hand(cfg, num_rounds: int, *, weighted: bool = True) -> dict[str, torch.T
             model = SASRec(cfg.model_config(log.num_items))
             model.load_shareable_state(state)
             client_split = split.subset(partition.rows[cid])
-            local_train(model, client_split.train, cfg.train, epochs=cfg.federation.local_epochs,
+            local_train(model, client_split.train, replace(cfg.train, lr=client_lr(cfg, rnd)),
+                        epochs=cfg.federation.local_epochs,
                         seed=client_seed(cfg.federation.seed, rnd, partition.names[cid]))
             updates.append(model.shareable_state())
             weights.append(len(client_split) if weighted else 1)
@@ -71,6 +76,7 @@ def test_three_clients_two_rounds_loss_falls_and_aggregate_is_the_weighted_mean(
     assert all(r["clients_ok"] == 3 and r["clients_failed"] == 0 for r in rows)
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert rows[0]["users_trained"] == 150
+    assert [r["lr"] for r in rows] == pytest.approx([0.005, 0.0005])  # cosine over the rounds, to 10 %
     assert (tmp_path / "rounds.png").stat().st_size > 0 and results["rounds"] == 2
 
     torch.set_num_threads(1)  # the simulated clients train single-threaded
@@ -81,6 +87,27 @@ def test_three_clients_two_rounds_loss_falls_and_aggregate_is_the_weighted_mean(
         assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
     unweighted = by_hand(cfg, 2, weighted=False)
     assert any(not torch.allclose(got[n], unweighted[n], atol=1e-5, rtol=1e-4) for n in expected)
+
+
+def test_client_lr_schedule_over_rounds():
+    cfg = load_config(None, ["train.lr=0.002", "federation.num_rounds=5"])
+    lrs = [client_lr(cfg, r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(0.002) and lrs[-1] == pytest.approx(0.0002)
+    assert lrs[2] == pytest.approx(0.0011)  # half-way: the mean of the two ends
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    flat = load_config(None, ["train.lr=0.002", "federation.num_rounds=5", "federation.lr_schedule=\"constant\""])
+    assert {client_lr(flat, r) for r in range(1, 6)} == {0.002}
+    assert client_lr(load_config(None, ["federation.num_rounds=1"]), 1) == cfg.train.lr
+    with pytest.raises(ValueError, match="federation.lr_schedule"):
+        load_config(None, ['federation.lr_schedule="linear"'])
+
+
+def test_client_takes_the_servers_lr_and_rejects_a_bad_one():
+    assert round_lr(ConfigRecord({"lr": 0.0005}), 0.002) == 0.0005
+    assert round_lr(ConfigRecord({}), 0.002) == 0.002
+    for bad in (0.0, -1e-3, float("nan"), float("inf"), "0.001"):
+        with pytest.raises(ValueError, match="round config 'lr'"):
+            round_lr(ConfigRecord({"lr": bad}), 0.002)
 
 
 def test_a_run_killed_mid_way_resumes_without_repeating_rounds(tmp_path):
