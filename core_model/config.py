@@ -90,7 +90,9 @@ class FederationConfig:
     frequent interaction group, e.g. merchant), ``iid``, ``dirichlet-size`` and ``dirichlet-label``
     (``num_clients`` clients, concentration ``dirichlet_alpha``). ``client_cpus`` / ``client_gpus``
     are the simulation engine's resources per client (``client_gpus=-1``: a quarter GPU when CUDA is
-    present, none otherwise).
+    present, none otherwise). ``run_dir`` is where the ServerApp keeps its run directory under
+    ``flwr run`` (absolute: the ServerApp runs in the SuperLink's working directory; empty:
+    ``runs/flwr-<date>-<time>`` there); ``fedrec simulate`` takes ``--out`` instead.
     """
 
     num_rounds: int = 20
@@ -113,6 +115,7 @@ class FederationConfig:
     round_timeout: float = 3600.0
     client_cpus: int = 1
     client_gpus: float = -1.0
+    run_dir: str = ""
 
     def __post_init__(self) -> None:
         checks = [
@@ -225,6 +228,34 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return build_config(values)
+
+
+def flwr_app_config() -> dict[str, Any]:
+    """Every setting with its default, as ``[tool.flwr.app.config]`` declares it (kebab-case keys).
+
+    Flower accepts a ``flwr run --run-config`` override only for a key the app declares, so
+    pyproject.toml declares them all; a test checks that it matches this function, which reads the
+    dataclasses (the one place defaults live). Settings whose default is "none"
+    (``train.max_minutes``, ``train.num_threads``) cannot be declared in TOML and so cannot be set
+    through ``flwr run``.
+    """
+    from core_model.synthetic import SyntheticConfig
+
+    defaults = ExperimentConfig().to_dict()
+    defaults["model"] = {k: v for k, v in asdict(ModelConfig(num_items=1)).items() if k != "num_items"}
+    defaults["data"]["synthetic"] = asdict(SyntheticConfig())
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            name = f"{prefix}.{key.replace('_', '-')}" if prefix else key.replace("_", "-")
+            if isinstance(value, Mapping):
+                walk(name, value)
+            elif value is not None:
+                flat[name] = value
+
+    walk("", defaults)
+    return flat
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

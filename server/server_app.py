@@ -203,7 +203,7 @@ def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | N
             from core_model.pipeline import load_log
             log = load_log(cfg.data)
             catalogue, titles = log.items, log.item_features.get("title")
-        out = run_dir or Path("runs") / time.strftime("flwr-%Y%m%d-%H%M%S")
+        out = run_dir or Path(cfg.federation.run_dir or Path("runs") / time.strftime("flwr-%Y%m%d-%H%M%S"))
         RoundLoop(cfg, run_dir=out, items=catalogue, item_titles=titles, num_clients=num_clients,
                   on_round=on_round).run(grid)
 
