@@ -198,13 +198,16 @@ def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | N
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or config_from_run_config(context.run_config)
-        catalogue, titles = items, item_titles
+        catalogue, titles, expected = items, item_titles, num_clients
         if catalogue is None:  # `flwr run`: the item catalogue is public; read it from the data source
-            from core_model.pipeline import load_log
-            log = load_log(cfg.data)
+            from simulations.clients import load_federation
+            log, _, partition = load_federation(cfg)
             catalogue, titles = log.items, log.item_features.get("title")
+            # every client of the partition must be there: rounds wait for all of them rather than
+            # leave some clients' users out without a word
+            expected = partition.num_clients
         out = run_dir or Path(cfg.federation.run_dir or Path("runs") / time.strftime("flwr-%Y%m%d-%H%M%S"))
-        RoundLoop(cfg, run_dir=out, items=catalogue, item_titles=titles, num_clients=num_clients,
+        RoundLoop(cfg, run_dir=out, items=catalogue, item_titles=titles, num_clients=expected,
                   on_round=on_round).run(grid)
 
     return app
