@@ -18,14 +18,16 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from core_model.config import ExperimentConfig, config_from_run_config
 from core_model.data import LeaveOneOutSplit
 from core_model.model import SASRec
 from core_model.train import evaluate_model, local_train, select_device
+from privacy import PRIVACY_DECLINED
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,65 @@ def round_lr(round_config: ConfigRecord, default: float) -> float:
     return float(lr)
 
 
+def private_train(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: str, server_round: int) -> Message:
+    """One round of user-level DP-SGD, accounted in the client's ledger before the update leaves.
+
+    1. Plan the mechanism (q, noise, delta) for this client; the accountant history is the
+       ledger's (it survives restarts: a client may be a fresh process every round).
+    2. Project the epsilon after this round's steps; if the operator's policy forbids the
+       request (noise too low, too many rounds, budget exceeded), append a refusal to the ledger
+       and reply with error ``PRIVACY_DECLINED`` and the reason: no training, no update.
+    3. Train, append the spend entry (fsynced), then reply with the weights and the mechanism's
+       parameters and cumulative epsilon as metrics.
+    """
+    from privacy.dp import MECHANISM, dp_local_train, plan_dp
+    from privacy.ledger import LedgerEntry, PrivacyLedger
+    from privacy.policy import load_policy
+
+    fed, priv = cfg.federation, cfg.privacy
+    if not priv.state_dir:
+        raise ValueError("privacy.state_dir is empty: a client needs a state directory for its privacy ledger")
+    ledger = PrivacyLedger(Path(priv.state_dir) / data.name / "ledger.jsonl")
+    plan = plan_dp(priv, num_users=len(data.split), batch_size=cfg.train.batch_size,
+                   planned_epochs=fed.num_rounds * fed.local_epochs)
+    steps = fed.local_epochs * plan.steps_per_epoch
+    accountant = ledger.accountant()
+    accountant.add(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps)
+    eps_after = accountant.epsilon(plan.delta, accountant=plan.accountant)
+
+    def entry(kind: str, epsilon: float, reason: str = "") -> LedgerEntry:
+        return LedgerEntry(run=run, round=server_round, client=data.name, kind=kind, mechanism=MECHANISM,
+                           noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                           steps=steps if kind == "spend" else 0, max_grad_norm=plan.max_grad_norm,
+                           delta=plan.delta, epsilon=epsilon, accountant=plan.accountant, reason=reason)
+
+    if priv.policy:
+        policy = load_policy(priv.policy)
+        delta = policy.delta if policy.delta is not None else plan.delta
+        at_policy_delta = accountant.epsilon(delta, accountant=policy.accountant)
+        decision = policy.check(noise_multiplier=plan.noise_multiplier, epsilon_after=at_policy_delta,
+                                rounds_done=ledger.rounds_spent())
+        if not decision.allowed:
+            spent = ledger.accountant().epsilon(plan.delta, accountant=plan.accountant)
+            ledger.append(entry("refusal", spent, decision.reason))
+            logger.warning("client %s round %d: declined: %s", data.name, server_round, decision.reason)
+            return Message(Error(code=PRIVACY_DECLINED, reason=f"client {data.name}: {decision.reason}"),
+                           reply_to=msg)
+    model = _model(cfg, data, msg.content["arrays"])
+    lr = round_lr(msg.content["config"], cfg.train.lr)
+    stats = dp_local_train(model, data.split.train, replace(cfg.train, lr=lr), plan, epochs=fed.local_epochs,
+                           grad_sample_mode=priv.grad_sample_mode)
+    if stats["steps"] != steps:
+        raise RuntimeError(f"planned {steps} DP-SGD steps, took {stats['steps']}")
+    ledger.append(entry("spend", eps_after))  # durable before the update leaves this client
+    metrics = MetricRecord({"num-examples": int(len(data.split)), "train-loss": float(stats["loss"]),
+                            "train-seconds": float(stats["seconds"]), "dp-noise-multiplier": plan.noise_multiplier,
+                            "dp-sample-rate": plan.sample_rate, "dp-steps": int(steps),
+                            "dp-max-grad-norm": plan.max_grad_norm, "dp-delta": plan.delta,
+                            "dp-epsilon": float(eps_after)})
+    return Message(RecordDict({"arrays": ArrayRecord(model.shareable_state()), "metrics": metrics}), reply_to=msg)
+
+
 def _model(config: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> SASRec:
     model = SASRec(config.model_config(data.num_items))
     model.load_shareable_state(arrays.to_torch_state_dict())
@@ -81,6 +142,8 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
     def train(msg: Message, context: Context) -> Message:
         cfg, data = resolve(context)
         server_round = int(msg.content["config"]["server-round"])
+        if cfg.privacy.mode == "dp-sgd":
+            return private_train(cfg, data, msg, run=str(context.run_id), server_round=server_round)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
         lr = round_lr(msg.content["config"], cfg.train.lr)
         model = _model(cfg, data, msg.content["arrays"])

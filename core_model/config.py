@@ -8,6 +8,7 @@ Sections and their defaults (every key is optional; unknown keys are an error)::
     [train]   the fields of core_model.train.TrainConfig
     [eval]    exclude_history = true  sampled = true  seed = 0
     [federation]  rounds, strategy, partition, local training (see FederationConfig)
+    [privacy] mode = "none" | "dp-sgd", noise or target epsilon, clipping (see PrivacyConfig)
 
 Overrides use dotted keys with TOML values: ``train.lr=2e-3``, ``data.kind="ml-1m"`` (strings may
 be given without quotes: ``data.kind=ml-1m``).
@@ -27,6 +28,7 @@ from core_model.validation import check_fields
 
 DATA_KINDS = ("synthetic", "interactions", "sasrec", "ml-1m", "ml-100k", "twitch")
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
+PRIVACY_MODES = ("none", "dp-sgd")
 PARTITIONS = ("attribute", "group", "iid", "dirichlet-size", "dirichlet-label")
 
 
@@ -144,12 +146,58 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-side privacy (``privacy/``): user-level DP-SGD with Opacus.
+
+    ``mode="dp-sgd"``: every client trains with DP-SGD; the unit of privacy is one user's whole
+    history at that client. Each step Poisson-samples users at rate q = 1 / ceil(n / B)
+    (n the client's users, B = ``train.batch_size``: the expected batch), clips each user's whole
+    gradient to ``max_grad_norm`` and adds Gaussian noise of standard deviation
+    ``noise_multiplier * max_grad_norm``. Give either ``noise_multiplier`` (> 0) or
+    ``target_epsilon`` (> 0): the latter calibrates the noise once for the whole planned horizon
+    (``federation.num_rounds`` x ``federation.local_epochs`` epochs, as if the client took part in
+    every round: conservative when ``fraction_train`` < 1), never per round. ``delta`` = 0 means
+    1 / (10 n) per client. ``accountant`` (``prv`` or ``rdp``) is the one epsilon is reported
+    with. ``grad_sample_mode`` is Opacus' per-sample gradient mode (``hooks`` or ``ew``).
+    ``state_dir``: where each client keeps its privacy ledger (``<state_dir>/<client>/``; empty:
+    the simulation's ``<run dir>/clients``). ``policy``: the operator's policy file (TOML; empty:
+    no limits beyond this configuration), see ``privacy/policy.py``.
+    """
+
+    mode: str = "none"
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+    state_dir: str = ""
+    policy: str = ""
+
+    def __post_init__(self) -> None:
+        dp = self.mode == "dp-sgd"
+        checks = [
+            ("mode", self.mode in PRIVACY_MODES, f"one of {PRIVACY_MODES}"),
+            ("noise_multiplier", self.noise_multiplier >= 0, ">= 0"),
+            ("target_epsilon", self.target_epsilon >= 0, ">= 0"),
+            ("noise_multiplier", not dp or (self.noise_multiplier > 0) != (self.target_epsilon > 0),
+             "> 0 with target_epsilon = 0, or 0 with target_epsilon > 0 (exactly one of the two) for mode='dp-sgd'"),
+            ("delta", 0 <= self.delta < 1, "in [0, 1) (0: 1 / (10 n) per client)"),
+            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+            ("accountant", self.accountant in ("prv", "rdp"), "'prv' or 'rdp'"),
+            ("grad_sample_mode", self.grad_sample_mode in ("hooks", "ew"), "'hooks' or 'ew'"),
+        ]
+        check_fields(self, checks, prefix="privacy.")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def model_config(self, num_items: int) -> ModelConfig:
         return ModelConfig.from_dict({**self.model, "num_items": num_items})
@@ -157,7 +205,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"data": asdict(self.data), "model": dict(self.model),
                 "train": self.train.to_dict(), "eval": asdict(self.eval),
-                "federation": asdict(self.federation)}
+                "federation": asdict(self.federation), "privacy": asdict(self.privacy)}
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any], exclude: Iterable[str] = ()) -> Any:
@@ -183,7 +231,7 @@ def _build(cls: type, section: str, values: Mapping[str, Any], exclude: Iterable
     return cls(**checked)
 
 
-SECTIONS = ("data", "model", "train", "eval", "federation")
+SECTIONS = ("data", "model", "train", "eval", "federation", "privacy")
 
 
 def build_config(values: Mapping[str, Any]) -> ExperimentConfig:
@@ -209,6 +257,7 @@ def build_config(values: Mapping[str, Any]) -> ExperimentConfig:
         train=_build(TrainConfig, "train", dict(values.get("train", {}))),
         eval=_build(EvalConfig, "eval", dict(values.get("eval", {}))),
         federation=_build(FederationConfig, "federation", dict(values.get("federation", {}))),
+        privacy=_build(PrivacyConfig, "privacy", dict(values.get("privacy", {}))),
     )
 
 

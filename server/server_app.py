@@ -38,6 +38,7 @@ from core_model.config import ExperimentConfig, FederationConfig, config_from_ru
 from core_model.data import Vocabulary
 from core_model.model import SASRec
 from core_model.train import save_checkpoint
+from privacy import PRIVACY_DECLINED
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +144,22 @@ class RoundLoop:
         messages = list(strategy.configure_train(rnd, arrays, round_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
         ok = [r for r in replies if not r.has_error()]
+        declined = [r for r in replies if r.has_error() and r.error.code == PRIVACY_DECLINED]
         for r in replies:
             if r.has_error():
-                logger.warning("round %d: client node %s failed: %s", rnd, r.metadata.src_node_id, r.error.reason)
+                what = "declined (privacy policy)" if r.error.code == PRIVACY_DECLINED else "failed"
+                logger.warning("round %d: client node %s %s: %s", rnd, r.metadata.src_node_id, what, r.error.reason)
         record.update({"clients_sampled": len(messages), "clients_ok": len(ok),
-                       "clients_failed": len(messages) - len(ok)})
+                       "clients_failed": len(messages) - len(ok) - len(declined),
+                       "clients_declined": len(declined)})
+        if declined:
+            record["declined_reasons"] = [r.error.reason for r in declined]
+        dp = [r.content["metrics"] for r in ok if "dp-epsilon" in r.content["metrics"]]
+        if dp:  # what each client reported of its own DP-SGD (the server cannot check it)
+            record.update({"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),
+                           "dp_epsilon_min": min(float(m["dp-epsilon"]) for m in dp),
+                           "dp_noise_multiplier_min": min(float(m["dp-noise-multiplier"]) for m in dp),
+                           "dp_delta_max": max(float(m["dp-delta"]) for m in dp)})
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is None:
             logger.warning("round %d: no client update could be aggregated; the model is unchanged", rnd)

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
         raise ValueError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose "
                          "another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.privacy.mode != "none" and not config.privacy.state_dir:
+        # each simulated client keeps its privacy ledger under the run directory
+        config = replace(config, privacy=replace(config.privacy, state_dir=str((run_dir / "clients").resolve())))
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     t0 = time.perf_counter()
     log, split, partition = load_federation(config)

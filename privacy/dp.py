@@ -1,0 +1,163 @@
+"""User-level DP-SGD for one client's local training: the only caller of Opacus' ``make_private``.
+
+The unit of privacy is one user's whole history at this client: each step samples users
+independently with probability q (Poisson sampling), computes each sampled user's gradient of their
+own loss (the mean over their positions), clips it to ``max_grad_norm`` (flat clipping over all
+parameters), sums, adds Gaussian noise N(0, (noise_multiplier * max_grad_norm)^2) and divides by
+the expected batch size (Abadi et al., CCS 2016). Empty Poisson batches still take a step (noise
+only) and are counted.
+
+Randomness: the Poisson sampling and the noise use their own ``torch.Generator`` seeded from the
+OS (``secrets``), never from the run's seed, which the server knows. They are not
+cryptographically secure generators (Opacus' ``secure_mode`` needs ``torchcsprng``, which has no
+build for this torch), and floating-point attacks on Gaussian sampling (Mironov, CCS 2012) are
+not mitigated: the guarantee is the textbook one for ideal Gaussian noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from core_model.config import PrivacyConfig
+from core_model.model import SASRec
+from core_model.train import SequenceBatches, TrainConfig, make_optimizer, sample_negatives, select_device
+from privacy.accounting import default_delta, noise_for_target_epsilon
+
+logger = logging.getLogger(__name__)
+
+MECHANISM = ("DP-SGD (Opacus): Poisson-sampled users, each user's whole-history gradient clipped, "
+             "Gaussian noise")
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The mechanism's parameters for one client (fixed for the whole run)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_epoch: int
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    num_users: int
+
+
+def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_epochs: int) -> DPPlan:
+    """Sampling rate, noise and delta for a client with ``num_users`` users.
+
+    q = 1 / ceil(n / B) (Opacus' convention: ``steps_per_epoch`` = ceil(n / B) expected batches of
+    B users). With ``privacy.target_epsilon`` the noise is calibrated once so that
+    ``planned_epochs`` epochs (the whole run) spend exactly that epsilon at delta.
+    """
+    if num_users < 1:
+        raise ValueError(f"num_users must be >= 1, got {num_users}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if planned_epochs < 1:
+        raise ValueError(f"planned_epochs must be >= 1, got {planned_epochs}")
+    steps_per_epoch = math.ceil(num_users / batch_size)
+    q = 1.0 / steps_per_epoch
+    delta = privacy.delta or default_delta(num_users)
+    if privacy.noise_multiplier > 0:
+        sigma = privacy.noise_multiplier
+    else:
+        sigma = noise_for_target_epsilon(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q,
+                                         steps=planned_epochs * steps_per_epoch, accountant=privacy.accountant)
+    return DPPlan(noise_multiplier=float(sigma), sample_rate=q, steps_per_epoch=steps_per_epoch,
+                  max_grad_norm=privacy.max_grad_norm, delta=delta, accountant=privacy.accountant,
+                  num_users=num_users)
+
+
+def _os_seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def dp_local_train(
+    model: SASRec,
+    train: Sequence[np.ndarray],
+    config: TrainConfig,
+    plan: DPPlan,
+    *,
+    epochs: int,
+    grad_sample_mode: str = "hooks",
+) -> dict[str, float]:
+    """Train ``model`` in place with DP-SGD for ``epochs`` x ``plan.steps_per_epoch`` steps.
+
+    The learning rate is ``config.lr``, held constant (the server sets it per round). Runs in
+    float32 (per-sample gradients under bf16 autocast are not validated). The weights stay in
+    ``model`` under their own names (Opacus wraps the module; nothing is renamed). Returns the
+    mean loss of the last epoch, the steps taken (empty batches included), users sampled, seconds.
+    """
+    from opacus import PrivacyEngine
+
+    if len(train) != plan.num_users:
+        raise ValueError(f"the plan is for {plan.num_users} users, the data has {len(train)}")
+    device = select_device(config.device)
+    model.to(device)
+    model.packed = False  # one row per user through every layer: per-user gradients need it
+    batches = SequenceBatches(train, model.config.max_len)
+    flat = replace(config, schedule="constant", warmup_epochs=0.0)
+    optimizer = make_optimizer(model, flat)
+    loader = DataLoader(TensorDataset(torch.arange(len(batches))), batch_size=math.ceil(len(batches) / plan.steps_per_epoch),
+                        generator=_os_seeded())
+    if len(loader) != plan.steps_per_epoch:
+        raise RuntimeError(f"data loader has {len(loader)} batches, the plan {plan.steps_per_epoch}")
+    with warnings.catch_warnings():
+        # stated in the module docstring: sampling and noise come from OS-seeded torch generators
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant="prv")
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+            noise_generator=_os_seeded())
+    negatives_rng = _os_seeded()
+    steps, sampled, start = 0, 0, time.perf_counter()
+    total, seen = 0.0, 0
+    try:
+        module.train()
+        for epoch in range(epochs):
+            total, seen = 0.0, 0
+            for batch in dp_loader:
+                rows = batch[0] if len(batch) else torch.empty(0, dtype=torch.long)
+                dp_optimizer.zero_grad(set_to_none=True)
+                if len(rows) == 0:
+                    # empty Poisson batch: a noise-only step, still counted by the accountant
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    dp_optimizer.step()
+                    steps += 1
+                    continue
+                idx = rows.numpy()
+                inputs, targets = batches.batch(idx)
+                negatives = sample_negatives(model.config, targets, negatives_rng)
+                inputs, targets = inputs.to(device), targets.to(device)
+                negatives = negatives.to(device) if negatives is not None else None
+                _, loss = module(inputs, targets, negatives)
+                with warnings.catch_warnings():
+                    # Opacus' backward hooks on the embedding, whose inputs (item ids) need no gradient
+                    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+                    loss.backward()
+                dp_optimizer.step()
+                steps += 1
+                sampled += len(idx)
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
+    finally:
+        module._close() if hasattr(module, "_close") else None
+        model.packed = True
+    opacus_steps = sum(s for _, _, s in engine.accountant.history)
+    if opacus_steps != steps:  # our count is what the ledger records: it must agree with Opacus'
+        raise RuntimeError(f"Opacus' accountant counted {opacus_steps} steps, training took {steps}")
+    return {"loss": total / max(seen, 1), "steps": steps, "users_sampled": sampled,
+            "seconds": time.perf_counter() - start}

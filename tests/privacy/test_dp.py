@@ -1,0 +1,106 @@
+"""User-level DP-SGD local training (privacy/dp.py) with real Opacus on a tiny SASRec."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from core_model.config import PrivacyConfig
+from core_model.model import ModelConfig, SASRec
+from core_model.train import TrainConfig, local_train
+from privacy.accounting import PrivacyAccountant
+from privacy.dp import dp_local_train, plan_dp
+
+V, T = 12, 8
+
+
+def users(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, V + 1, int(rng.integers(3, T + 2))) for _ in range(n)]
+
+
+def model() -> SASRec:
+    torch.manual_seed(0)
+    return SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=1, dropout=0.0))
+
+
+TRAIN = TrainConfig(lr=0.01, precision="fp32", device="cpu", length_buckets=False)
+
+
+def test_plan_rate_steps_delta_and_calibrated_noise():
+    p = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.1), num_users=600, batch_size=64, planned_epochs=3)
+    assert p.steps_per_epoch == 10 and p.sample_rate == pytest.approx(0.1)
+    assert p.delta == pytest.approx(1 / 6000) and p.noise_multiplier == 1.1
+    target = PrivacyConfig(mode="dp-sgd", target_epsilon=4.0, delta=1e-4)
+    p = plan_dp(target, num_users=600, batch_size=64, planned_epochs=20)
+    acc = PrivacyAccountant()
+    acc.add(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, steps=20 * p.steps_per_epoch)
+    assert 3.9 < acc.epsilon(1e-4) <= 4.0 + 1e-6  # the whole horizon spends the target, not one round
+    longer = plan_dp(target, num_users=600, batch_size=64, planned_epochs=40)
+    assert longer.noise_multiplier > p.noise_multiplier
+    for kwargs, name in [(dict(num_users=0, batch_size=8, planned_epochs=1), "num_users"),
+                         (dict(num_users=10, batch_size=0, planned_epochs=1), "batch_size"),
+                         (dict(num_users=10, batch_size=8, planned_epochs=0), "planned_epochs")]:
+        with pytest.raises(ValueError, match=name):
+            plan_dp(target, **kwargs)
+
+
+def test_privacy_config_errors():
+    with pytest.raises(ValueError, match="privacy.noise_multiplier must be > 0 with target_epsilon = 0"):
+        PrivacyConfig(mode="dp-sgd")
+    with pytest.raises(ValueError, match="exactly one"):
+        PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, target_epsilon=2.0)
+    with pytest.raises(ValueError, match="privacy.mode"):
+        PrivacyConfig(mode="dp")
+    with pytest.raises(ValueError, match="privacy.max_grad_norm"):
+        PrivacyConfig(max_grad_norm=0.0)
+
+
+def test_zero_noise_and_a_huge_clip_equal_plain_training():
+    data = users(10)
+    plain, private = model(), model()
+    # q = 1: every user is in every step, so both take the same full-batch steps
+    local_train(plain, data, replace(TRAIN, batch_size=10), epochs=4, seed=0)
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, max_grad_norm=1e6), num_users=10,
+                   batch_size=10, planned_epochs=4)
+    plan = replace(plan, noise_multiplier=0.0)
+    stats = dp_local_train(private, data, TRAIN, plan, epochs=4)
+    assert stats["steps"] == 4 and stats["users_sampled"] == 40
+    a, b = plain.shareable_state(), private.shareable_state()
+    assert set(a) == set(b) and not any("_module" in k for k in b)
+    moved = max((plain.shareable_state()[k] - model().shareable_state()[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # training did move the weights
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_noise_and_clipping_change_the_update():
+    data = users(10)
+    plain, private = model(), model()
+    local_train(plain, data, replace(TRAIN, batch_size=10), epochs=2, seed=0)
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, max_grad_norm=0.1), num_users=10,
+                   batch_size=10, planned_epochs=2)
+    dp_local_train(private, data, TRAIN, plan, epochs=2)
+    a, b = plain.shareable_state(), private.shareable_state()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3
+
+
+def test_empty_poisson_batches_take_noise_only_steps_and_are_counted():
+    data = users(3)
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), num_users=3, batch_size=1, planned_epochs=10)
+    assert plan.steps_per_epoch == 3 and plan.sample_rate == pytest.approx(1 / 3)
+    m = model()
+    stats = dp_local_train(m, data, TRAIN, plan, epochs=10)
+    # 30 steps of Poisson(1/3) sampling over 3 users: P(no empty batch) = (8/27)^30, about 1e-16
+    assert stats["steps"] == 30 and stats["users_sampled"] < 90
+    assert all(torch.isfinite(v).all() for v in m.shareable_state().values())
+    assert m.packed  # restored for evaluation and serving
+
+
+def test_the_plan_must_match_the_data():
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), num_users=5, batch_size=2, planned_epochs=1)
+    with pytest.raises(ValueError, match="plan is for 5 users, the data has 4"):
+        dp_local_train(model(), users(4), TRAIN, plan, epochs=1)
