@@ -182,6 +182,14 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+PRIVACY_STATEMENT = (
+    "privacy: user-level DP-SGD at every client. Unit of privacy: one user's whole history at that "
+    "client. Epsilon (at the stated delta, {accountant} accountant, cumulative over all rounds so far, "
+    "as each client accounts it in its own ledger) bounds what the server, the other clients and anyone "
+    "with the model can learn about any one user. Updates are not yet securely aggregated: the server "
+    "sees each client's noised update.")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import load_run_config, simulate
 
@@ -205,8 +213,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             msg += f"  loss {r['train_loss']:.4f}"
         if "test_ndcg@10" in r:
             msg += f"  NDCG@10 {r['test_ndcg@10']:.4f}  HR@10 {r['test_hr@10']:.4f}"
+        if "dp_epsilon_max" in r:
+            msg += (f"  user-level epsilon <= {r['dp_epsilon_max']:.2f} at delta <= {r['dp_delta_max']:.1e} "
+                    f"({cfg.privacy.accountant.upper()}, max over clients)")
+        if r.get("clients_declined"):
+            msg += f"  {r['clients_declined']} declined (privacy policy)"
         print(msg + f"  {r['seconds']:.1f}s", flush=True)
 
+    if cfg.privacy.mode == "dp-sgd":
+        print(PRIVACY_STATEMENT.format(accountant=cfg.privacy.accountant.upper()), flush=True)
     results = simulate(cfg, out, resume=bool(args.resume), on_round=on_round)
     print(f"final global model after {results['rounds']} rounds, {results['clients']} clients "
           f"({results['protocol']}):")

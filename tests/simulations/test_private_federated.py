@@ -63,3 +63,15 @@ def test_a_restarted_run_keeps_spending_from_the_ledger(tmp_path):
     after_two = {p.parent.name: PrivacyLedger(p).entries()[-1].epsilon for p in state.glob("*/ledger.jsonl")}
     assert set(after_one) == set(after_two) and len(after_one) == 3
     assert all(after_two[c] > after_one[c] for c in after_one)
+
+
+def test_fedrec_simulate_states_epsilon_with_delta_accountant_and_unit(tmp_path, capsys):
+    from simulations.cli import main
+
+    args = ["simulate", "--out", str(tmp_path / "run"), *[f"--set={s}" for s in [*TINY, "federation.num_rounds=1"]]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Unit of privacy: one user's whole history at that client" in out
+    assert "the server, the other clients and anyone with the model" in out
+    line = next(line for line in out.splitlines() if line.startswith("round   1/1"))
+    assert "user-level epsilon <=" in line and "at delta <=" in line and "(PRV, max over clients)" in line
