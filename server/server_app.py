@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
@@ -70,6 +70,20 @@ def client_lr(config: ExperimentConfig, server_round: int) -> float:
         return peak
     t = (server_round - 1) / (fed.num_rounds - 1)
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0))))
+
+
+def _reply_order(reply: Message) -> tuple:
+    """A canonical order for a round's replies, so that aggregation does not depend on arrival order.
+
+    Flower sums replies in the order they arrive; float32 sums then differ in the last bits from
+    run to run, and Adam turns such differences in near-zero gradients into whole learning-rate
+    steps, so two identical runs (or a resumed and a straight run) drift apart. Replies are sorted by
+    their own content (users, then training loss), which is identical whenever the inputs are.
+    """
+    if reply.has_error():
+        return (1, reply.error.code, str(reply.error.reason))
+    m = reply.content["metrics"]
+    return (0, int(m["num-examples"]), float(m["train-loss"]))
 
 
 def _float32(arrays: ArrayRecord) -> ArrayRecord:
@@ -142,7 +156,7 @@ class RoundLoop:
         round_config = ConfigRecord({"local-epochs": fed.local_epochs, "lr": client_lr(self.config, rnd)})
         record["lr"] = float(round_config["lr"])
         messages = list(strategy.configure_train(rnd, arrays, round_config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        replies = sorted(grid.send_and_receive(messages, timeout=fed.round_timeout), key=_reply_order)
         ok = [r for r in replies if not r.has_error()]
         declined = [r for r in replies if r.has_error() and r.error.code == PRIVACY_DECLINED]
         for r in replies:
