@@ -25,12 +25,10 @@ import json
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,29 +40,7 @@ from core_model.train import local_train  # noqa: E402
 from privacy.dp import dp_local_train, plan_dp  # noqa: E402
 from simulations.clients import load_federation  # noqa: E402
 
-
-class RssPeak:
-    """Peak RSS of this process above its RSS at entry, sampled every 0.2 s."""
-
-    def __init__(self) -> None:
-        self.base = psutil.Process().memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, me.memory_info().rss)
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> RssPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+from federated import PeakMemory  # noqa: E402  (benchmarks/federated.py, this script's folder)
 
 
 def main() -> int:
@@ -117,7 +93,7 @@ def main() -> int:
     peaks: dict[str, float] = {k: 0.0 for k in arms}
     for rep in range(args.reps):
         for name, run in arms.items():
-            with RssPeak() as mem:
+            with PeakMemory(interval=0.2, children=False) as mem:
                 seconds = run(fresh())
             times[name].append(seconds)
             peaks[name] = max(peaks[name], (mem.peak - mem.base) / 2 ** 30)

@@ -36,9 +36,12 @@ DATASETS = {"ml-1m": ("ml-1m", "ml-1m"), "ml-100k": ("ml-100k", "ml-100k"),
 
 
 class PeakMemory:
-    """Peak of the summed RSS of this process and all its descendants, sampled every second."""
+    """Peak RSS, sampled every ``interval`` seconds: this process and all its descendants, or
+    (``children=False``) this process alone. ``base`` is the RSS at construction."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, interval: float = 1.0, children: bool = True) -> None:
+        self.interval, self.children = interval, children
+        self.base = psutil.Process().memory_info().rss
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -47,13 +50,13 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for p in [me, *me.children(recursive=True)]:
+            for p in [me, *me.children(recursive=True)] if self.children else [me]:
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            self._stop.wait(1.0)
+            self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()

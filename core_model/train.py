@@ -212,14 +212,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def cosine_to_tenth(t: float) -> float:
+    """Cosine decay from 1 at ``t = 0`` to 0.1 at ``t = 1`` (``t`` clamped to [0, 1])."""
+    t = min(max(t, 0.0), 1.0)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def lr_factor(config: TrainConfig, epoch_progress: float) -> float:
     """Multiplier of the peak learning rate at ``epoch_progress`` (epochs done, fractional)."""
     if config.warmup_epochs > 0 and epoch_progress < config.warmup_epochs:
         return max(epoch_progress / config.warmup_epochs, 1e-3)
     if config.schedule == "cosine":
         span = max(config.epochs - config.warmup_epochs, 1e-9)
-        t = min(max((epoch_progress - config.warmup_epochs) / span, 0.0), 1.0)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+        return cosine_to_tenth((epoch_progress - config.warmup_epochs) / span)
     return 1.0
 
 

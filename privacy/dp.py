@@ -154,7 +154,8 @@ def dp_local_train(
                 total += float(loss.detach()) * len(idx)
                 seen += len(idx)
     finally:
-        module._close() if hasattr(module, "_close") else None
+        if hasattr(module, "_close"):  # remove Opacus' hooks from the model
+            module._close()
         model.packed = True
     opacus_steps = sum(s for _, _, s in engine.accountant.history)
     if opacus_steps != steps:  # our count is what the ledger records: it must agree with Opacus'

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from core_model.config import ExperimentConfig, FederationConfig, config_from_run_config
 from core_model.data import Vocabulary
 from core_model.model import SASRec
-from core_model.train import save_checkpoint
+from core_model.train import cosine_to_tenth, save_checkpoint
 from privacy import PRIVACY_DECLINED
 
 logger = logging.getLogger(__name__)
@@ -68,8 +67,7 @@ def client_lr(config: ExperimentConfig, server_round: int) -> float:
     fed, peak = config.federation, config.train.lr
     if fed.lr_schedule == "constant" or fed.num_rounds == 1:
         return peak
-    t = (server_round - 1) / (fed.num_rounds - 1)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0))))
+    return peak * cosine_to_tenth((server_round - 1) / (fed.num_rounds - 1))
 
 
 def _reply_order(reply: Message) -> tuple:
