@@ -111,7 +111,7 @@ def private_train(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run:
     model = _model(cfg, data, msg.content["arrays"])
     lr = round_lr(msg.content["config"], cfg.train.lr)
     stats = dp_local_train(model, data.split.train, replace(cfg.train, lr=lr), plan, epochs=fed.local_epochs,
-                           grad_sample_mode=priv.grad_sample_mode)
+                           grad_sample_mode=priv.grad_sample_mode, physical_batch_size=priv.physical_batch_size)
     if stats["steps"] != steps:
         raise RuntimeError(f"planned {steps} DP-SGD steps, took {stats['steps']}")
     ledger.append(entry("spend", eps_after))  # durable before the update leaves this client

@@ -159,6 +159,10 @@ class PrivacyConfig:
     every round: conservative when ``fraction_train`` < 1), never per round. ``delta`` = 0 means
     1 / (10 n) per client. ``accountant`` (``prv`` or ``rdp``) is the one epsilon is reported
     with. ``grad_sample_mode`` is Opacus' per-sample gradient mode (``hooks`` or ``ew``).
+    ``physical_batch_size``: each Poisson batch is run through the model in pieces of at most this
+    many users, sorted by history length so that a piece pads only to its own longest user; the
+    clipped per-user gradients of all pieces are summed before the one noisy step (the privacy
+    accounting is unchanged; memory is bounded and padding is not computed).
     ``state_dir``: where each client keeps its privacy ledger (``<state_dir>/<client>/``; empty:
     the simulation's ``<run dir>/clients``). ``policy``: the operator's policy file (TOML; empty:
     no limits beyond this configuration), see ``privacy/policy.py``.
@@ -171,6 +175,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
+    physical_batch_size: int = 64
     state_dir: str = ""
     policy: str = ""
 
@@ -186,6 +191,7 @@ class PrivacyConfig:
             ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
             ("accountant", self.accountant in ("prv", "rdp"), "'prv' or 'rdp'"),
             ("grad_sample_mode", self.grad_sample_mode in ("hooks", "ew"), "'hooks' or 'ew'"),
+            ("physical_batch_size", self.physical_batch_size >= 1, ">= 1"),
         ]
         check_fields(self, checks, prefix="privacy.")
 

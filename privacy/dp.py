@@ -90,14 +90,21 @@ def dp_local_train(
     *,
     epochs: int,
     grad_sample_mode: str = "hooks",
+    physical_batch_size: int = 64,
 ) -> dict[str, float]:
     """Train ``model`` in place with DP-SGD for ``epochs`` x ``plan.steps_per_epoch`` steps.
 
     The learning rate is ``config.lr``, held constant (the server sets it per round). Runs in
     float32 (per-sample gradients under bf16 autocast are not validated). The weights stay in
-    ``model`` under their own names (Opacus wraps the module; nothing is renamed). Returns the
-    mean loss of the last epoch, the steps taken (empty batches included), users sampled, seconds.
+    ``model`` under their own names (Opacus wraps the module; nothing is renamed). Each Poisson
+    batch is sorted by history length and run in pieces of at most ``physical_batch_size`` users,
+    each trimmed to its own longest history; Opacus clips every user's gradient in every piece and
+    sums them, and only the last piece's ``step`` adds the noise and moves the weights (one
+    accounted step per Poisson batch, as without pieces). Returns the mean loss of the last epoch,
+    the steps taken (empty batches included), users sampled, seconds.
     """
+    if physical_batch_size < 1:
+        raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
     from opacus import PrivacyEngine
 
     if len(train) != plan.num_users:
@@ -139,19 +146,27 @@ def dp_local_train(
                     steps += 1
                     continue
                 idx = rows.numpy()
-                inputs, targets = batches.batch(idx)
-                negatives = sample_negatives(model.config, targets, negatives_rng)
-                inputs, targets = inputs.to(device), targets.to(device)
-                negatives = negatives.to(device) if negatives is not None else None
-                _, loss = module(inputs, targets, negatives)
-                with warnings.catch_warnings():
-                    # Opacus' backward hooks on the embedding, whose inputs (item ids) need no gradient
-                    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-                    loss.backward()
-                dp_optimizer.step()
+                idx = idx[np.argsort(batches.lengths[idx], kind="stable")]
+                pieces = [idx[k:k + physical_batch_size] for k in range(0, len(idx), physical_batch_size)]
+                for j, piece in enumerate(pieces):
+                    inputs, targets = batches.batch(piece)  # trimmed to this piece's longest user
+                    negatives = sample_negatives(model.config, targets, negatives_rng)
+                    inputs, targets = inputs.to(device), targets.to(device)
+                    negatives = negatives.to(device) if negatives is not None else None
+                    _, loss = module(inputs, targets, negatives)
+                    with warnings.catch_warnings():
+                        # Opacus' backward hooks on the embedding, whose inputs (item ids) need no gradient
+                        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+                        loss.backward()
+                    last = j == len(pieces) - 1
+                    if not last:  # clip and add this piece's per-user gradients; no noise, no update yet
+                        dp_optimizer.signal_skip_step(do_skip=True)
+                    dp_optimizer.step()
+                    if not last:
+                        dp_optimizer.zero_grad(set_to_none=True)  # per-user gradients go; the clipped sum stays
+                    total += float(loss.detach()) * len(piece)
                 steps += 1
                 sampled += len(idx)
-                total += float(loss.detach()) * len(idx)
                 seen += len(idx)
     finally:
         if hasattr(module, "_close"):  # remove Opacus' hooks from the model

@@ -104,3 +104,25 @@ def test_the_plan_must_match_the_data():
     plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), num_users=5, batch_size=2, planned_epochs=1)
     with pytest.raises(ValueError, match="plan is for 5 users, the data has 4"):
         dp_local_train(model(), users(4), TRAIN, plan, epochs=1)
+
+
+def test_pieces_of_a_poisson_batch_give_the_same_step_as_one_piece():
+    # q = 1 (every user in every step), no noise, a clip small enough to bind: the clipped per-user
+    # gradients summed over pieces of 3 users must equal those of the whole batch at once
+    data = users(10)
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, max_grad_norm=0.05), num_users=10,
+                   batch_size=10, planned_epochs=3)
+    plan = replace(plan, noise_multiplier=0.0)
+    whole, pieces = model(), model()
+    a_stats = dp_local_train(whole, data, TRAIN, plan, epochs=3, physical_batch_size=100)
+    b_stats = dp_local_train(pieces, data, TRAIN, plan, epochs=3, physical_batch_size=3)
+    assert a_stats["steps"] == b_stats["steps"] == 3 and b_stats["users_sampled"] == 30
+    assert b_stats["loss"] == pytest.approx(a_stats["loss"], rel=1e-4)
+    a, b = whole.shareable_state(), pieces.shareable_state()
+    assert max((a[k] - model().shareable_state()[k]).abs().max().item() for k in a) > 1e-3
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    with pytest.raises(ValueError, match="physical_batch_size must be >= 1, got 0"):
+        dp_local_train(model(), data, TRAIN, plan, epochs=1, physical_batch_size=0)
+    with pytest.raises(ValueError, match="privacy.physical_batch_size"):
+        PrivacyConfig(physical_batch_size=0)
