@@ -588,6 +588,72 @@ class SecAggClient:
         self._peers: dict[int, tuple[bytes, bytes]] = {}  # alive neighbour -> (c_pk, s_pk)
         self._held: dict[int, tuple[int, int]] = {}  # neighbour -> (share of b_v, share of s_v)
 
+    def to_state(self) -> dict[str, Any]:
+        """Everything this client holds mid-round, as a flat dict of ints, bytes and lists of one.
+
+        For a client that is a fresh process at every stage (Flower keeps ``Context.state`` per node
+        between messages, not Python objects): :meth:`from_state` restores an equal client. The
+        state holds the client's **private keys and self-mask seed** until its masked input is sent
+        (and the neighbours' shares until it answers the unmasking request): keep it where the
+        client keeps its own secrets, never send it anywhere. Ids and the round are Python ints
+        (up to ``2**64 - 1``; an adapter that stores them as signed 64-bit ints must number its
+        clients below ``2**63``).
+        """
+        def raw(key: X25519PrivateKey | None) -> bytes:
+            return b"" if key is None else key.private_bytes_raw()
+
+        held = sorted(self._held)
+        return {
+            "client_id": self.client_id, "round_id": self.round_id, "next": self._next,
+            "c_key": raw(self._c_key), "s_key": raw(self._s_key), "seed": self._seed or b"",
+            "threshold": self._threshold,
+            "peer_ids": sorted(self._peers),
+            "peer_c_pks": [self._peers[v][0] for v in sorted(self._peers)],
+            "peer_s_pks": [self._peers[v][1] for v in sorted(self._peers)],
+            "held_ids": held,
+            "held_seed_shares": [self._held[v][0].to_bytes(SHARE_BYTES, "big") for v in held],
+            "held_key_shares": [self._held[v][1].to_bytes(SHARE_BYTES, "big") for v in held],
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SecAggClient:
+        """The client :meth:`to_state` described; a malformed state is a :class:`SecAggError`."""
+        where = "secure aggregation client state"
+        client = cls(_int_field(state, "client_id", where), _int_field(state, "round_id", where))
+        stage = _int_field(state, "next", where)
+        if not 0 <= stage <= len(STAGES):
+            raise SecAggError(f"{where}: field 'next' must be in [0, {len(STAGES)}], got {stage}")
+
+        def secret(key: str) -> bytes | None:
+            value = _field(state, key, where)
+            if value == b"":
+                return None
+            return _bytes_field(state, key, where, SECRET_BYTES)
+
+        c_key, s_key, seed = secret("c_key"), secret("s_key"), secret("seed")
+        # what each stage still needs: keys after advertise_keys, and the seed after share_keys,
+        # until the masked input is sent
+        needs = {"c_key": 1 <= stage <= 2, "s_key": 1 <= stage <= 2, "seed": stage == 2}
+        for key, value in (("c_key", c_key), ("s_key", s_key), ("seed", seed)):
+            if needs[key] and value is None:
+                raise SecAggError(f"{where}: field {key!r} is empty, but the client's next stage "
+                                  f"({STAGES[stage]}) needs it")
+        peers = _id_list(state, "peer_ids", where)
+        c_pks = _bytes_list(state, "peer_c_pks", where, KEY_BYTES, len(peers))
+        s_pks = _bytes_list(state, "peer_s_pks", where, KEY_BYTES, len(peers))
+        held = _id_list(state, "held_ids", where)
+        seed_shares = _bytes_list(state, "held_seed_shares", where, SHARE_BYTES, len(held))
+        key_shares = _bytes_list(state, "held_key_shares", where, SHARE_BYTES, len(held))
+        client._next = stage
+        client._c_key = None if c_key is None else X25519PrivateKey.from_private_bytes(c_key)
+        client._s_key = None if s_key is None else X25519PrivateKey.from_private_bytes(s_key)
+        client._seed = seed
+        client._threshold = _int_field(state, "threshold", where)
+        client._peers = {v: (c, s) for v, c, s in zip(peers, c_pks, s_pks)}
+        client._held = {v: (int.from_bytes(b, "big"), int.from_bytes(s, "big"))
+                        for v, b, s in zip(held, seed_shares, key_shares)}
+        return client
+
     def _begin(self, request: Mapping[str, Any], stage: str) -> str:
         where = f"client {self.client_id}, {stage}"
         expected = STAGES[self._next] if self._next < len(STAGES) else "nothing (round over)"

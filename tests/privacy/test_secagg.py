@@ -513,3 +513,66 @@ def test_prg_is_deterministic_per_seed_and_purpose():
     assert not np.any(a == prg(bytes(31) + b"\x01", 1000, purpose="self-mask"))
     with pytest.raises(ValueError, match="purpose must be one of"):
         prg(seed, 3, purpose="other")
+
+
+# ------------------------------------------------------------------- client state between stages
+
+def test_a_client_rebuilt_from_its_state_at_every_stage_gives_the_exact_sum():
+    """A client that is a fresh process at every stage (Flower's ClientApp) keeps only to_state()."""
+    quantizer = Quantizer(1.0, max_clients=5)
+    graph = choose_graph(range(1, 6), rng=random.Random(3))
+    vectors = random_vectors(range(1, 6), 17, 3, quantizer)
+    states = {u: SecAggClient(u, ROUND).to_state() for u in graph.clients}
+
+    def step(u, method, *args):
+        client = SecAggClient.from_state(json_roundtrip(states[u]))
+        reply = getattr(client, method)(*args)
+        states[u] = client.to_state()
+        return reply
+
+    server = SecAggServer(graph, round_id=ROUND, vector_length=17)
+    requests = server.advertise_keys()
+    replies = {u: step(u, "advertise_keys", r) for u, r in requests.items()}
+    after_keys = states[1]
+    requests = server.share_keys(replies)
+    replies = {u: step(u, "share_keys", r) for u, r in requests.items() if u != 5}  # 5 drops here
+    requests = server.masked_input(replies)
+    replies = {u: step(u, "masked_input", r, vectors[u]) for u, r in requests.items()}
+    after_masking = states[1]
+    requests = server.unmask(replies)
+    replies = {u: step(u, "unmask", r) for u, r in requests.items()}
+    total, summary = server.aggregate(replies)
+    np.testing.assert_array_equal(total, plain_sum(vectors, [1, 2, 3, 4]))
+    assert summary.dropped["share_keys"] == (5,)
+    # the private keys are in the state until the masked input is sent, and gone after
+    assert len(after_keys["c_key"]) == len(after_keys["s_key"]) == 32 and after_keys["seed"] == b""
+    assert after_masking["c_key"] == after_masking["s_key"] == after_masking["seed"] == b""
+    assert len(after_masking["held_ids"]) == 3 and states[1]["held_ids"] == [] and states[1]["next"] == 4
+
+
+def json_roundtrip(state):
+    """Through JSON (bytes as hex), as a store outside the process would keep it: no Python objects."""
+    encoded = json.dumps({k: (v.hex() if isinstance(v, bytes) else [x.hex() for x in v]
+                              if isinstance(v, list) and v and isinstance(v[0], bytes) else v)
+                          for k, v in state.items()})
+    raw = {"c_key", "s_key", "seed"}
+    listed = {"peer_c_pks", "peer_s_pks", "held_seed_shares", "held_key_shares"}
+    return {k: bytes.fromhex(v) if k in raw else [bytes.fromhex(x) for x in v] if k in listed else v
+            for k, v in json.loads(encoded).items()}
+
+
+def test_a_state_that_cannot_be_right_is_refused():
+    client = SecAggClient(2, ROUND)
+    client.advertise_keys({"stage": "advertise_keys", "round": ROUND})
+    state = client.to_state()
+    assert SecAggClient.from_state(state).to_state() == state
+    with pytest.raises(SecAggError, match="field 'c_key' is empty, but the client's next stage \\(share_keys\\)"):
+        SecAggClient.from_state({**state, "c_key": b""})
+    with pytest.raises(SecAggError, match="field 's_key' must be 32 bytes, got 31 bytes"):
+        SecAggClient.from_state({**state, "s_key": bytes(31)})
+    with pytest.raises(SecAggError, match="field 'next' must be in \\[0, 4\\], got 7"):
+        SecAggClient.from_state({**state, "next": 7})
+    with pytest.raises(SecAggError, match="field 'peer_c_pks' must be a list of 1 byte strings"):
+        SecAggClient.from_state({**state, "peer_ids": [3]})
+    with pytest.raises(SecAggError, match="field 'threshold' is missing"):
+        SecAggClient.from_state({k: v for k, v in state.items() if k != "threshold"})
