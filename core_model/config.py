@@ -16,6 +16,7 @@ be given without quotes: ``data.kind=ml-1m``).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -30,6 +31,12 @@ DATA_KINDS = ("synthetic", "interactions", "sasrec", "ml-1m", "ml-100k", "twitch
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
 PRIVACY_MODES = ("none", "dp-sgd")
 PARTITIONS = ("attribute", "group", "iid", "dirichlet-size", "dirichlet-label")
+SECURE_AGGREGATION = ("auto", "on", "off")
+SECAGG_DEFAULT_BOUND = float(2**24)
+"""Default ``privacy.secagg_bound``: 16,777,216 (room for n_k up to 16.7M users, and n_k * |change|)."""
+SECAGG_DEFAULT_SCALE_BITS = 24
+"""Default ``privacy.secagg_scale_bits``: ``privacy.secagg.DEFAULT_SCALE_BITS`` (core_model does not
+import privacy; a test checks that the two agree)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,15 @@ class PrivacyConfig:
     ``state_dir``: where each client keeps its privacy ledger (``<state_dir>/<client>/``; empty:
     the simulation's ``<run dir>/clients``). ``policy``: the operator's policy file (TOML; empty:
     no limits beyond this configuration), see ``privacy/policy.py``.
+
+    Secure aggregation (SecAgg+, ``privacy/secagg.py``; docs/secure-aggregation.md):
+    ``secure_aggregation`` is ``"auto"`` (on iff ``mode="dp-sgd"``), ``"on"`` or ``"off"``; when on,
+    the server learns only the sum of the clients' masked, quantized updates. Each client contributes
+    ``n_k * (w_local - w_global)`` (``n_k`` its users) and ``n_k``, every coordinate within
+    ``[-secagg_bound, secagg_bound]`` (a value beyond it is that client's error, never clipped),
+    quantized to ``2**-secagg_scale_bits``. ``ceil(secagg_bound * 2**secagg_scale_bits)`` times the
+    number of clients in a round must stay below ``2**63``: the defaults (``2**24``, 24 bits) allow
+    32,767 clients per round and a quantization error of at most ``2**-25`` on the averaged delta.
     """
 
     mode: str = "none"
@@ -178,9 +194,20 @@ class PrivacyConfig:
     physical_batch_size: int = 64
     state_dir: str = ""
     policy: str = ""
+    secure_aggregation: str = "auto"
+    secagg_bound: float = SECAGG_DEFAULT_BOUND
+    secagg_scale_bits: int = SECAGG_DEFAULT_SCALE_BITS
+
+    @property
+    def secure_aggregation_enabled(self) -> bool:
+        """Whether rounds are securely aggregated: ``"on"``, or ``"auto"`` with ``mode="dp-sgd"``."""
+        return self.secure_aggregation == "on" or (self.secure_aggregation == "auto" and self.mode == "dp-sgd")
 
     def __post_init__(self) -> None:
         dp = self.mode == "dp-sgd"
+        bits = self.secagg_scale_bits
+        bits_ok = isinstance(bits, int) and not isinstance(bits, bool) and 0 <= bits <= 62
+        bound_ok = 0 < self.secagg_bound < math.inf
         checks = [
             ("mode", self.mode in PRIVACY_MODES, f"one of {PRIVACY_MODES}"),
             ("noise_multiplier", self.noise_multiplier >= 0, ">= 0"),
@@ -192,6 +219,15 @@ class PrivacyConfig:
             ("accountant", self.accountant in ("prv", "rdp"), "'prv' or 'rdp'"),
             ("grad_sample_mode", self.grad_sample_mode in ("hooks", "ew"), "'hooks' or 'ew'"),
             ("physical_batch_size", self.physical_batch_size >= 1, ">= 1"),
+            ("secure_aggregation", self.secure_aggregation in SECURE_AGGREGATION,
+             f"one of {SECURE_AGGREGATION} ('auto': on iff mode='dp-sgd')"),
+            ("secagg_bound", bound_ok, "a finite number > 0 (the largest |n_k * (w_local - w_global)| and n_k "
+                                       "a client may contribute)"),
+            ("secagg_scale_bits", bits_ok, "an int in [0, 62] (fixed-point bits)"),
+            ("secagg_bound", not (bound_ok and bits_ok)
+             or 2 * math.ceil(math.ldexp(min(self.secagg_bound, 2.0**63), bits)) < 2**63,
+             f"small enough that 2 * ceil(secagg_bound * 2**secagg_scale_bits) < 2**63 (the sum of two "
+             f"clients must fit int64) with secagg_scale_bits={bits}; lower one of them"),
         ]
         check_fields(self, checks, prefix="privacy.")
 

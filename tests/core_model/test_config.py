@@ -80,3 +80,41 @@ def test_bad_federation_settings(overrides, needle):
     with pytest.raises(ValueError) as err:
         load_config(None, overrides)
     assert needle in str(err.value)
+
+
+def test_secure_aggregation_defaults_follow_the_privacy_mode():
+    from privacy.secagg import DEFAULT_SCALE_BITS, Quantizer
+    off = load_config()
+    assert off.privacy.secure_aggregation == "auto" and not off.privacy.secure_aggregation_enabled
+    dp = load_config(None, ['privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.0"])
+    assert dp.privacy.secure_aggregation_enabled
+    assert not load_config(None, ['privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.0",
+                                  'privacy.secure_aggregation="off"']).privacy.secure_aggregation_enabled
+    assert load_config(None, ['privacy.secure_aggregation="on"']).privacy.secure_aggregation_enabled
+    # the documented defaults: the quantizer's precision, and 32,767 clients per round
+    assert off.privacy.secagg_scale_bits == DEFAULT_SCALE_BITS == 24 and off.privacy.secagg_bound == 2.0**24
+    Quantizer(off.privacy.secagg_bound, max_clients=2**15 - 1, scale_bits=24)
+    with pytest.raises(ValueError, match="max_clients"):
+        Quantizer(off.privacy.secagg_bound, max_clients=2**15, scale_bits=24)
+    assert load_config(None, ["privacy.secagg_bound=100"]).privacy.secagg_bound == 100.0  # an int is a float
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (['privacy.secure_aggregation="yes"'],
+     "privacy.secure_aggregation must be one of ('auto', 'on', 'off') ('auto': on iff mode='dp-sgd'), got 'yes'"),
+    (["privacy.secure_aggregation=true"], "privacy.secure_aggregation must be str, got True"),
+    (["privacy.secagg_bound=0"], "privacy.secagg_bound must be a finite number > 0 (the largest "
+                                 "|n_k * (w_local - w_global)| and n_k a client may contribute), got 0.0"),
+    (["privacy.secagg_bound=inf"], "privacy.secagg_bound must be a finite number > 0"),
+    (["privacy.secagg_bound=nan"], "privacy.secagg_bound must be a finite number > 0"),
+    (["privacy.secagg_scale_bits=63"], "privacy.secagg_scale_bits must be an int in [0, 62] (fixed-point bits), "
+                                       "got 63"),
+    (["privacy.secagg_scale_bits=2.5"], "privacy.secagg_scale_bits must be int, got 2.5"),
+    (["privacy.secagg_bound=1e12"], "privacy.secagg_bound must be small enough that 2 * ceil(secagg_bound * "
+                                    "2**secagg_scale_bits) < 2**63 (the sum of two clients must fit int64) with "
+                                    "secagg_scale_bits=24; lower one of them, got 1000000000000.0"),
+])
+def test_bad_secure_aggregation_settings(overrides, needle):
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
