@@ -3,8 +3,11 @@
 Each client holds its own users (its partition in a simulation, its own data in a deployment).
 On a ``train`` message it loads the global weights, trains ``federation.local_epochs`` passes over
 its users with the ``[train]`` settings at the learning rate the server sent (``lr``), and replies with its weights and
-``num-examples`` = its number of users (the FedAvg weight). On an ``evaluate`` message it reports
-leave-one-out test metrics of the global model on its users (full ranking, history excluded).
+``num-examples`` = its number of users (the FedAvg weight). With secure aggregation (the train message
+carries a ``secagg`` request) it replies with its public keys and metrics instead, and sends its
+update only masked, in the later ``train.secagg`` stages (``client/secure_aggregation.py``). On an
+``evaluate`` message it reports leave-one-out test metrics of the global model on its users (full
+ranking, history excluded).
 
 ``make_client_app(config, data)`` builds the app for the simulation runner (config and data source
 travel with the app); the module-level ``app`` is the one ``flwr run`` loads, reading the
@@ -23,6 +26,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_aggregation as secure
 from core_model.config import ExperimentConfig, config_from_run_config
 from core_model.data import LeaveOneOutSplit
 from core_model.model import SASRec
@@ -64,16 +68,17 @@ def round_lr(round_config: ConfigRecord, default: float) -> float:
     return float(lr)
 
 
-def private_train(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: str, server_round: int) -> Message:
+def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: str,
+                server_round: int) -> tuple[SASRec, MetricRecord] | Message:
     """One round of user-level DP-SGD, accounted in the client's ledger before the update leaves.
 
     1. Plan the mechanism (q, noise, delta) for this client; the accountant history is the
        ledger's (it survives restarts: a client may be a fresh process every round).
     2. Project the epsilon after this round's steps; if the operator's policy forbids the
        request (noise too low, too many rounds, budget exceeded), append a refusal to the ledger
-       and reply with error ``PRIVACY_DECLINED`` and the reason: no training, no update.
-    3. Train, append the spend entry (fsynced), then reply with the weights and the mechanism's
-       parameters and cumulative epsilon as metrics.
+       and return the reply: error ``PRIVACY_DECLINED`` and the reason; no training, no update.
+    3. Train, append the spend entry (fsynced), then return the trained model and the metrics
+       (the mechanism's parameters and cumulative epsilon): only then may anything leave.
     """
     from privacy.dp import MECHANISM, dp_local_train, plan_dp
     from privacy.ledger import LedgerEntry, PrivacyLedger
@@ -120,7 +125,22 @@ def private_train(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run:
                             "dp-sample-rate": plan.sample_rate, "dp-steps": int(steps),
                             "dp-max-grad-norm": plan.max_grad_norm, "dp-delta": plan.delta,
                             "dp-epsilon": float(eps_after)})
-    return Message(RecordDict({"arrays": ArrayRecord(model.shareable_state()), "metrics": metrics}), reply_to=msg)
+    return model, metrics
+
+
+def plain_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *,
+              server_round: int) -> tuple[SASRec, MetricRecord]:
+    """One round of non-private local training (FedProx's proximal term when the server sent one)."""
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    lr = round_lr(msg.content["config"], cfg.train.lr)
+    model = _model(cfg, data, msg.content["arrays"])
+    stats = local_train(model, data.split.train, replace(cfg.train, lr=lr), epochs=cfg.federation.local_epochs,
+                        seed=client_seed(cfg.federation.seed, server_round, data.name), proximal_mu=mu)
+    logger.debug("client %s round %d: %d users, loss %.4f", data.name, server_round, len(data.split),
+                 stats["loss"])
+    metrics = MetricRecord({"num-examples": int(len(data.split)), "train-loss": float(stats["loss"]),
+                            "train-seconds": float(stats["seconds"])})
+    return model, metrics
 
 
 def _model(config: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> SASRec:
@@ -142,19 +162,30 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
     def train(msg: Message, context: Context) -> Message:
         cfg, data = resolve(context)
         server_round = int(msg.content["config"]["server-round"])
+        if cfg.privacy.secure_aggregation_enabled and secure.RECORD not in msg.content:
+            # the client's own configuration requires secure aggregation: no update in the clear
+            reason = (f"client {data.name}: privacy.secure_aggregation={cfg.privacy.secure_aggregation!r} "
+                      f"(privacy.mode={cfg.privacy.mode!r}) requires secure aggregation, and the server asked "
+                      "for a plain update")
+            logger.warning("%s", reason)
+            return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
         if cfg.privacy.mode == "dp-sgd":
-            return private_train(cfg, data, msg, run=str(context.run_id), server_round=server_round)
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))
-        lr = round_lr(msg.content["config"], cfg.train.lr)
-        model = _model(cfg, data, msg.content["arrays"])
-        stats = local_train(model, data.split.train, replace(cfg.train, lr=lr), epochs=cfg.federation.local_epochs,
-                            seed=client_seed(cfg.federation.seed, server_round, data.name), proximal_mu=mu)
-        logger.debug("client %s round %d: %d users, loss %.4f", data.name, server_round, len(data.split),
-                     stats["loss"])
-        metrics = MetricRecord({"num-examples": int(len(data.split)), "train-loss": float(stats["loss"]),
-                                "train-seconds": float(stats["seconds"])})
+            fitted = private_fit(cfg, data, msg, run=str(context.run_id), server_round=server_round)
+            if isinstance(fitted, Message):  # declined by the client's privacy policy
+                return fitted
+        else:
+            fitted = plain_fit(cfg, data, msg, server_round=server_round)
+        model, metrics = fitted
+        if secure.RECORD in msg.content:  # secure aggregation, stage 0: keys and metrics, no weights
+            trained = {k: v.numpy() for k, v in model.shareable_state().items()}
+            return secure.advertise_keys(msg, context, name=data.name, trained=trained, metrics=metrics,
+                                         weight=int(metrics["num-examples"]))
         return Message(RecordDict({"arrays": ArrayRecord(model.shareable_state()), "metrics": metrics}),
                        reply_to=msg)
+
+    @app.train(secure.ACTION)
+    def secure_stage(msg: Message, context: Context) -> Message:
+        return secure.handle_stage(msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

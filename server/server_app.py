@@ -6,7 +6,11 @@ resume); each round uses the strategy's own ``configure_train`` / ``aggregate_tr
 
 1. sample clients, send the global weights and the round config, wait for replies;
 2. aggregate the replies weighted by ``num-examples`` (users); error replies are counted
-   (``clients_failed``) and left out, and a round in which no client succeeded keeps the model;
+   (``clients_failed``) and left out, and a round in which no client succeeded keeps the model.
+   With secure aggregation (``privacy.secure_aggregation``) steps 1-2 are the stages of
+   ``server/secure_aggregation.py``: the clients reply with keys and metrics, then masked updates,
+   and the strategy gets one reply carrying the unmasked aggregate (or none: an aborted round,
+   recorded as ``secagg_aborted``, keeps the model);
 3. every ``federation.evaluate_every`` rounds, federated evaluation on the clients' test targets
    (weighted by users);
 4. write ``checkpoint.pt`` (weights, round, strategy state, sampling RNG) atomically, then the
@@ -38,6 +42,8 @@ from core_model.data import Vocabulary
 from core_model.model import SASRec
 from core_model.train import cosine_to_tenth, save_checkpoint
 from privacy import PRIVACY_DECLINED
+from privacy.secagg import Quantizer
+from server.secure_aggregation import SecureRound, what_the_server_saw
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +131,16 @@ class RoundLoop:
         self.on_round = on_round
 
     def run(self, grid: Grid) -> dict[str, Any]:
-        fed = self.config.federation
+        fed, priv = self.config.federation, self.config.privacy
+        if priv.secure_aggregation_enabled and self.num_clients is not None:
+            if self.num_clients < 2:
+                raise ValueError(f"privacy.secure_aggregation={priv.secure_aggregation!r} (privacy.mode="
+                                 f"{priv.mode!r}) needs at least 2 clients, the federation has {self.num_clients}")
+            try:
+                Quantizer(priv.secagg_bound, max_clients=self.num_clients, scale_bits=priv.secagg_scale_bits)
+            except ValueError as err:
+                raise ValueError(f"privacy.secagg_bound={priv.secagg_bound:g} with privacy.secagg_scale_bits="
+                                 f"{priv.secagg_scale_bits} does not fit {self.num_clients} clients: {err}") from None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(fed.seed)
         model = SASRec(self.config.model_config(len(self.items)))
@@ -145,7 +160,10 @@ class RoundLoop:
         arrays = ArrayRecord(model.shareable_state())
         for rnd in range(start, fed.num_rounds + 1):
             arrays = self._round(grid, strategy, rnd, arrays, model)
-        return {"rounds": fed.num_rounds, "resumed_from": start - 1}
+        saw = what_the_server_saw(secure=priv.secure_aggregation_enabled, dp=priv.mode == "dp-sgd")
+        logger.info("%d rounds done; the server saw %s", fed.num_rounds, saw)
+        return {"rounds": fed.num_rounds, "resumed_from": start - 1,
+                "secure_aggregation": priv.secure_aggregation_enabled, "server_saw": saw}
 
     def _round(self, grid: Grid, strategy: Strategy, rnd: int, arrays: ArrayRecord, model: SASRec) -> ArrayRecord:
         fed = self.config.federation
@@ -154,24 +172,19 @@ class RoundLoop:
         round_config = ConfigRecord({"local-epochs": fed.local_epochs, "lr": client_lr(self.config, rnd)})
         record["lr"] = float(round_config["lr"])
         messages = list(strategy.configure_train(rnd, arrays, round_config, grid))
-        replies = sorted(grid.send_and_receive(messages, timeout=fed.round_timeout), key=_reply_order)
-        ok = [r for r in replies if not r.has_error()]
-        declined = [r for r in replies if r.has_error() and r.error.code == PRIVACY_DECLINED]
-        for r in replies:
-            if r.has_error():
-                what = "declined (privacy policy)" if r.error.code == PRIVACY_DECLINED else "failed"
-                logger.warning("round %d: client node %s %s: %s", rnd, r.metadata.src_node_id, what, r.error.reason)
-        record.update({"clients_sampled": len(messages), "clients_ok": len(ok),
-                       "clients_failed": len(messages) - len(ok) - len(declined),
-                       "clients_declined": len(declined)})
+        if self.config.privacy.secure_aggregation_enabled:
+            replies, trained, declined = self._secure_train(grid, rnd, messages, arrays, record)
+        else:
+            replies, trained, declined = self._plain_train(grid, rnd, messages, record)
         if declined:
             record["declined_reasons"] = [r.error.reason for r in declined]
-        dp = [r.content["metrics"] for r in ok if "dp-epsilon" in r.content["metrics"]]
+        dp = [r.content["metrics"] for r in trained if "dp-epsilon" in r.content["metrics"]]
         if dp:  # what each client reported of its own DP-SGD (the server cannot check it)
             record.update({"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),
                            "dp_epsilon_min": min(float(m["dp-epsilon"]) for m in dp),
                            "dp_noise_multiplier_min": min(float(m["dp-noise-multiplier"]) for m in dp),
                            "dp_delta_max": max(float(m["dp-delta"]) for m in dp)})
+        # no replies (an aborted secure round) aggregate to nothing and leave the strategy's state as it was
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is None:
             logger.warning("round %d: no client update could be aggregated; the model is unchanged", rnd)
@@ -181,7 +194,8 @@ class RoundLoop:
             record["aggregated"] = True
         if train_metrics is not None:
             record["train_loss"] = float(train_metrics["train-loss"])
-            record["users_trained"] = int(sum(int(r.content["metrics"]["num-examples"]) for r in ok))
+            record["users_trained"] = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies
+                                              if not r.has_error()))
         if rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds:
             eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid))
             eval_replies = list(grid.send_and_receive(eval_msgs, timeout=fed.round_timeout))
@@ -195,6 +209,36 @@ class RoundLoop:
         if self.on_round is not None:
             self.on_round(record)
         return arrays
+
+    def _plain_train(self, grid: Grid, rnd: int, messages: list[Message],
+                     record: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+        """Send the train messages; every client replies with its weights. (replies, trained, declined)."""
+        replies = sorted(grid.send_and_receive(messages, timeout=self.config.federation.round_timeout),
+                         key=_reply_order)
+        trained = [r for r in replies if not r.has_error()]
+        declined = [r for r in replies if r.has_error() and r.error.code == PRIVACY_DECLINED]
+        for r in replies:
+            if r.has_error():
+                what = "declined (privacy policy)" if r.error.code == PRIVACY_DECLINED else "failed"
+                logger.warning("round %d: client node %s %s: %s", rnd, r.metadata.src_node_id, what, r.error.reason)
+        record.update({"secure_aggregation": False, "clients_sampled": len(messages), "clients_ok": len(trained),
+                       "clients_failed": len(messages) - len(trained) - len(declined),
+                       "clients_declined": len(declined)})
+        return replies, trained, declined
+
+    def _secure_train(self, grid: Grid, rnd: int, messages: list[Message], arrays: ArrayRecord,
+                      record: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+        """The stages of secure aggregation; the one aggregate reply (none when aborted), trained, declined.
+
+        ``clients_ok`` counts the clients whose update is in the sum, ``clients_failed`` those that
+        dropped at any stage (a client in the sum may still drop at unmasking: it counts in both).
+        """
+        priv = self.config.privacy
+        result = SecureRound(grid, server_round=rnd, bound=priv.secagg_bound, scale_bits=priv.secagg_scale_bits,
+                             timeout=self.config.federation.round_timeout).run(messages, arrays)
+        record.update({"clients_sampled": len(messages), "clients_ok": result.in_sum,
+                       "clients_failed": result.failed, "clients_declined": len(result.declined), **result.record})
+        return ([] if result.reply is None else [result.reply]), result.trained, result.declined
 
     def _checkpoint(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, model: SASRec,
                     record: dict[str, Any]) -> None:

@@ -186,8 +186,10 @@ PRIVACY_STATEMENT = (
     "privacy: user-level DP-SGD at every client. Unit of privacy: one user's whole history at that "
     "client. Epsilon (at the stated delta, {accountant} accountant, cumulative over all rounds so far, "
     "as each client accounts it in its own ledger) bounds what the server, the other clients and anyone "
-    "with the model can learn about any one user. Updates are not yet securely aggregated: the server "
-    "sees each client's noised update.")
+    "with the model can learn about any one user.")
+SECURE_STATEMENT = (
+    "secure aggregation (SecAgg+): the server learns only the sum of the clients' masked, quantized "
+    "updates, not any one client's update; a round it cannot unmask is aborted and the model kept.")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -218,14 +220,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     f"({cfg.privacy.accountant.upper()}, max over clients)")
         if r.get("clients_declined"):
             msg += f"  {r['clients_declined']} declined (privacy policy)"
+        if r.get("secagg_aborted"):
+            msg += f"  SECURE AGGREGATION ABORTED ({r['secagg_abort_reason']}): model unchanged"
+        elif r.get("secure_aggregation"):
+            msg += f"  securely aggregated (degree {r['secagg_degree']}, threshold {r['secagg_threshold']})"
         print(msg + f"  {r['seconds']:.1f}s", flush=True)
 
     if cfg.privacy.mode == "dp-sgd":
         print(PRIVACY_STATEMENT.format(accountant=cfg.privacy.accountant.upper()), flush=True)
+    if cfg.privacy.secure_aggregation_enabled:
+        print(SECURE_STATEMENT, flush=True)
     results = simulate(cfg, out, resume=bool(args.resume), on_round=on_round)
     print(f"final global model after {results['rounds']} rounds, {results['clients']} clients "
           f"({results['protocol']}):")
     _print_table([("federated SASRec", results["test"]), ("popularity", results["popularity_test"])])
+    print(f"the server saw: {results['server_saw']}"
+          + (f"; secure aggregation aborted in round(s) {results['secagg_rounds_aborted']}"
+             if results.get("secagg_rounds_aborted") else ""))
     print(f"run directory {out}: metrics.jsonl, rounds.png, model.pt, results.json")
     return 0
 

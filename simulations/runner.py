@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from core_model.config import ExperimentConfig, build_config
 from core_model.evaluate import Popularity, evaluate_ranking
 from core_model.train import evaluate_model, load_checkpoint, select_device
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,22 @@ def backend_config(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def server_view(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """What the server saw of the clients' updates, and the secure rounds that were aborted."""
+    from server.secure_aggregation import what_the_server_saw
+
+    priv = config.privacy
+    out: dict[str, Any] = {"secure_aggregation": priv.secure_aggregation_enabled,
+                           "server_saw": what_the_server_saw(secure=priv.secure_aggregation_enabled,
+                                                             dp=priv.mode == "dp-sgd")}
+    if priv.secure_aggregation_enabled:
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+        out["secagg_rounds_aborted"] = [r["round"] for r in rows if r.get("secagg_aborted")]
+        if any(r.get("secagg_components", 1) > 1 for r in rows):
+            out["server_saw"] += " (in some rounds, one sum per connected component of the survivors)"
+    return out
+
+
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
@@ -47,8 +66,13 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 
 
 def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
-             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run (or, with ``resume``, continue) the federated simulation ``config`` describes."""
+             on_round: Callable[[dict[str, Any]], None] | None = None,
+             client_app: ClientApp | None = None) -> dict[str, Any]:
+    """Run (or, with ``resume``, continue) the federated simulation ``config`` describes.
+
+    ``client_app``: the ClientApp to simulate (default ``make_client_app(config)``; tests pass one
+    that wraps it, e.g. to make a client fail at a given stage).
+    """
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
@@ -76,7 +100,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     server_app = make_server_app(config, run_dir=run_dir, items=log.items,
                                  item_titles=log.item_features.get("title"), num_clients=partition.num_clients,
                                  on_round=on_round)
-    client_app = make_client_app(config)
+    client_app = client_app or make_client_app(config)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=partition.num_clients,
                    backend_config=backend_config(config))
@@ -93,6 +117,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                "protocol": "leave-one-out, full ranking, history "
                            f"{'excluded' if config.eval.exclude_history else 'included'}",
                "data_synthetic": config.data.kind == "synthetic"}
+    results.update(server_view(config, run_dir))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_rounds(run_dir)
     return results
