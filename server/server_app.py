@@ -109,6 +109,22 @@ def _restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
         setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
 
 
+def wait_for_nodes(grid: Grid, expected: int, *, timeout: float, poll: float = 0.1) -> None:
+    """Wait until ``expected`` nodes are connected (``TimeoutError`` after ``timeout`` seconds).
+
+    Flower 1.41's ``FedAvg.configure_train`` sizes its sample from the nodes connected *before*
+    it waits for ``min_available_nodes``: a first round that starts while the simulation engine is
+    still registering nodes samples fewer clients than ``fraction_train`` says (seen: 1 of 3 under
+    load). Waiting here first makes round 1 sample from the whole federation.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {connected} of the federation's {expected} clients connected within "
+                               f"federation.round_timeout = {timeout:g} s")
+        time.sleep(poll)
+
+
 def _truncate_metrics(path: Path, last_round: int) -> None:
     if not path.exists():
         return
@@ -158,6 +174,8 @@ class RoundLoop:
         else:
             random.seed(fed.seed)  # Flower samples clients with the global `random`
         arrays = ArrayRecord(model.shareable_state())
+        if self.num_clients:
+            wait_for_nodes(grid, self.num_clients, timeout=fed.round_timeout)
         for rnd in range(start, fed.num_rounds + 1):
             arrays = self._round(grid, strategy, rnd, arrays, model)
         saw = what_the_server_saw(secure=priv.secure_aggregation_enabled, dp=priv.mode == "dp-sgd")

@@ -187,3 +187,24 @@ def test_layout_rejects_a_model_that_does_not_match():
         layout.check({"a": np.zeros((2, 3)), "c": np.zeros(4)}, "x")
     with pytest.raises(ValueError, match=r"'a' has shape \(3, 2\), the round's model has \(2, 3\)"):
         layout.check({"a": np.zeros((3, 2)), "b": np.zeros(4)}, "x")
+
+
+def test_round_one_waits_for_the_whole_federation():
+    """Flower sizes its sample before it waits for nodes: the loop waits for all of them first."""
+    from server.server_app import wait_for_nodes
+
+    class Arriving(LocalGrid):
+        def __init__(self):
+            super().__init__(None, 3)
+            self.calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return self.ids[:min(3, self.calls)]  # one more node connects at every look
+
+    grid = Arriving()
+    wait_for_nodes(grid, 3, timeout=5, poll=0.001)
+    assert grid.calls == 3
+    with pytest.raises(TimeoutError, match="only 3 of the federation's 4 clients connected within "
+                                           "federation.round_timeout = 0.01 s"):
+        wait_for_nodes(grid, 4, timeout=0.01, poll=0.001)
