@@ -45,7 +45,8 @@ from privacy.secagg_update import UpdateLayout, decode_sum
 logger = logging.getLogger(__name__)
 
 MAX_REASON = 600
-"""Characters of a client's error reason kept in ``metrics.jsonl`` (the log has all of it)."""
+"""Characters of a client's error reason kept in ``metrics.jsonl``: the first third and the end
+(the log has all of it)."""
 SERVER_SAW_SECURE = "only the sum of the clients' masked, quantized{dp} updates"
 SERVER_SAW_PLAIN = "each client's{dp} update"
 
@@ -101,8 +102,10 @@ class SecureRound:
 
     def _drop(self, cid: int, stage: str, reason: str) -> None:
         self._dropped[stage].append(cid)
-        short = reason if len(reason) <= MAX_REASON else (
-            f"{reason[:MAX_REASON]}... ({len(reason) - MAX_REASON} more characters in the log)")
+        cut = len(reason) - MAX_REASON
+        # a raised exception's reason is a traceback: its end says what happened
+        short = reason if cut <= 0 else (f"{reason[:MAX_REASON // 3]} [... {cut} characters, all in the log ...] "
+                                         f"{reason[-(MAX_REASON - MAX_REASON // 3):]}")
         self._errors.append(f"{stage}: {self._names[cid]}: {short}")
         logger.warning("round %d: secure aggregation: %s dropped at %s: %s", self.server_round,
                        self._names[cid], stage, reason)

@@ -208,3 +208,14 @@ def test_round_one_waits_for_the_whole_federation():
     with pytest.raises(TimeoutError, match="only 3 of the federation's 4 clients connected within "
                                            "federation.round_timeout = 0.01 s"):
         wait_for_nodes(grid, 4, timeout=0.01, poll=0.001)
+
+
+def test_a_long_error_reason_keeps_its_start_and_its_end_in_the_metrics():
+    from server.secure_aggregation import MAX_REASON, SecureRound
+
+    rnd = SecureRound(None, server_round=1, bound=1.0, scale_bits=8, timeout=1.0)
+    rnd._names = {1: "eu"}
+    rnd._drop(1, "masked_input", "Traceback " + "x" * 5000 + " RuntimeError: what happened")
+    (error,) = rnd._errors
+    assert error.startswith("masked_input: eu: Traceback x") and error.endswith("RuntimeError: what happened")
+    assert "[... 4438 characters, all in the log ...]" in error and len(error) < MAX_REASON + 80
