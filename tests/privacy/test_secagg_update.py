@@ -57,7 +57,8 @@ def test_a_contribution_beyond_the_bound_names_client_parameter_element_value_an
     with pytest.raises(ValueError, match=r"client eu: b\[0\] contributes .* = nan .* \(2 coordinates of b are "
                                          r"outside\)"):
         encode_update(layout, local=local, global_=glob, weight=1, quantizer=q, client="eu")
-    with pytest.raises(ValueError, match="client eu: its weight n_k = 11 users exceeds the secure aggregation bound 10"):
+    with pytest.raises(ValueError, match="client eu: its weight n_k = 11 users exceeds the secure aggregation "
+                                         "bound 10"):
         encode_update(layout, local=glob, global_=glob, weight=11, quantizer=q, client="eu")
     with pytest.raises(ValueError, match="client eu: weight \\(number of users\\) must be an int >= 1, got 0"):
         encode_update(layout, local=glob, global_=glob, weight=0, quantizer=q, client="eu")
