@@ -210,6 +210,7 @@ class RoundLoop:
         else:
             arrays = _float32(new_arrays)
             record["aggregated"] = True
+        record["train_seconds"] = time.perf_counter() - t0  # the round without evaluation
         if train_metrics is not None:
             record["train_loss"] = float(train_metrics["train-loss"])
             record["users_trained"] = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies
