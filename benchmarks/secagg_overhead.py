@@ -109,10 +109,13 @@ def protocol(args: argparse.Namespace) -> int:
                "client_seconds_median": statistics.median(seconds.values()),
                "client_seconds_max": max(seconds.values()),
                "client_bytes_sent_median": statistics.median(sent.values()),
-               "masked_vector_bytes": 8 * args.length, "server_seconds": server_seconds}
+               "masked_vector_bytes": 8 * args.length,
+               "client_key_and_share_bytes_median": statistics.median(sent.values()) - 8 * args.length,
+               "server_seconds": server_seconds}
         rows.append(row)
         print(f"n={n:5d} degree {graph.degree:3d} t {graph.threshold:3d}: client {row['client_seconds_median']:.3f} s "
-              f"(max {row['client_seconds_max']:.3f}), sends {row['client_bytes_sent_median'] / 1e6:.2f} MB; "
+              f"(max {row['client_seconds_max']:.3f}), sends {row['client_bytes_sent_median'] / 1e6:.2f} MB "
+              f"({row['client_key_and_share_bytes_median'] / 1e3:.1f} kB besides the masked vector); "
               f"server {server_seconds:.2f} s", flush=True)
     out = {"mode": "protocol", "length": args.length, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(sys.argv), "rows": rows}
