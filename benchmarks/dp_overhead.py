@@ -11,7 +11,10 @@ epoch per arm, the arms interleaved in every repetition so that machine noise hi
 * ``plain-fp32-unbucketed``: the same with random batches instead of length-bucketed ones (DP-SGD's
   Poisson batches are random users, padded to the longest of them);
 * ``dp-hooks`` / ``dp-ew``: user-level DP-SGD (Poisson sampling, per-user clipping, noise) with
-  Opacus' ``hooks`` and ``ew`` per-sample gradient modes.
+  Opacus' ``hooks`` and ``ew`` per-sample gradient modes, each Poisson batch run in length-sorted
+  pieces of ``privacy.physical_batch_size`` users (the default path);
+* ``dp-hooks-one-piece``: ``hooks`` with the whole Poisson batch at once, padded to its longest user
+  (the path before pieces).
 
 Reports the median epoch seconds per arm and the ratio of medians against both bases, and the
 peak RSS increase of each arm over the process' RSS before it (sampled every 0.2 s). Writes
@@ -71,6 +74,7 @@ def main() -> int:
     train = client.train
     torch.manual_seed(0)
     initial = SASRec(cfg.model_config(log.num_items)).shareable_state()
+    pieces = cfg.privacy.physical_batch_size
     plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=args.noise), num_users=len(train),
                    batch_size=cfg.train.batch_size, planned_epochs=1)
 
@@ -86,8 +90,12 @@ def main() -> int:
         "plain-fp32-unbucketed": lambda m: local_train(m, train, replace(cfg.train, precision="fp32",
                                                                          length_buckets=False),
                                                        epochs=1, seed=0)["seconds"],
-        "dp-hooks": lambda m: dp_local_train(m, train, cfg.train, plan, epochs=1, grad_sample_mode="hooks")["seconds"],
-        "dp-ew": lambda m: dp_local_train(m, train, cfg.train, plan, epochs=1, grad_sample_mode="ew")["seconds"],
+        "dp-hooks": lambda m: dp_local_train(m, train, cfg.train, plan, epochs=1, grad_sample_mode="hooks",
+                                             physical_batch_size=pieces)["seconds"],
+        "dp-ew": lambda m: dp_local_train(m, train, cfg.train, plan, epochs=1, grad_sample_mode="ew",
+                                          physical_batch_size=pieces)["seconds"],
+        "dp-hooks-one-piece": lambda m: dp_local_train(m, train, cfg.train, plan, epochs=1, grad_sample_mode="hooks",
+                                                       physical_batch_size=len(train))["seconds"],
     }
     times: dict[str, list[float]] = {k: [] for k in arms}
     peaks: dict[str, float] = {k: 0.0 for k in arms}
