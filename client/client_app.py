@@ -3,7 +3,8 @@
 Each client holds its own users (its partition in a simulation, its own data in a deployment).
 On a ``train`` message it loads the global weights, trains ``federation.local_epochs`` passes over
 its users with the ``[train]`` settings at the learning rate the server sent (``lr``), and replies with its weights and
-``num-examples`` = its number of users (the FedAvg weight). With secure aggregation (the train message
+``num-examples`` = its number of users (the FedAvg weight); with DP-SGD also the receipt of the
+ledger entry it wrote first (ConfigRecord ``ledger-receipt``). With secure aggregation (the train message
 carries a ``secagg`` request) it replies with its public keys and metrics instead, and sends its
 update only masked, in the later ``train.secagg`` stages (``client/secure_aggregation.py``). On an
 ``evaluate`` message it reports leave-one-out test metrics of the global model on its users (full
@@ -31,7 +32,7 @@ from core_model.config import ExperimentConfig, config_from_run_config
 from core_model.data import LeaveOneOutSplit
 from core_model.model import SASRec
 from core_model.train import evaluate_model, local_train, select_device
-from privacy import PRIVACY_DECLINED
+from privacy import PRIVACY_DECLINED, RECEIPT_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +70,19 @@ def round_lr(round_config: ConfigRecord, default: float) -> float:
 
 
 def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: str,
-                server_round: int) -> tuple[SASRec, MetricRecord] | Message:
+                server_round: int) -> tuple[SASRec, MetricRecord, ConfigRecord] | Message:
     """One round of user-level DP-SGD, accounted in the client's ledger before the update leaves.
 
     1. Plan the mechanism (q, noise, delta) for this client; the accountant history is the
        ledger's (it survives restarts: a client may be a fresh process every round).
     2. Project the epsilon after this round's steps; if the operator's policy forbids the
        request (noise too low, too many rounds, budget exceeded), append a refusal to the ledger
-       and return the reply: error ``PRIVACY_DECLINED`` and the reason; no training, no update.
-    3. Train, append the spend entry (fsynced), then return the trained model and the metrics
-       (the mechanism's parameters and cumulative epsilon): only then may anything leave.
+       and return the reply: error ``PRIVACY_DECLINED`` and the reason, with the refusal's ledger
+       receipt at its end (an error reply carries no records); no training, no update.
+    3. Train, append the spend entry (signed, chained, fsynced), then return the trained model,
+       the metrics (the mechanism's parameters and cumulative epsilon) and the entry's receipt
+       (``RECEIPT_RECORD``: its canonical bytes, hash, signature and the client's public key):
+       only then may anything leave.
     """
     from privacy.dp import MECHANISM, dp_local_train, plan_dp
     from privacy.ledger import LedgerEntry, PrivacyLedger
@@ -109,23 +113,23 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
                                 rounds_done=ledger.rounds_spent())
         if not decision.allowed:
             spent = ledger.accountant().epsilon(plan.delta, accountant=plan.accountant)
-            ledger.append(entry("refusal", spent, decision.reason))
+            receipt = ledger.receipt(ledger.append(entry("refusal", spent, decision.reason)))
             logger.warning("client %s round %d: declined: %s", data.name, server_round, decision.reason)
-            return Message(Error(code=PRIVACY_DECLINED, reason=f"client {data.name}: {decision.reason}"),
-                           reply_to=msg)
+            reason = receipt.attach_to(f"client {data.name}: {decision.reason}")
+            return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
     model = _model(cfg, data, msg.content["arrays"])
     lr = round_lr(msg.content["config"], cfg.train.lr)
     stats = dp_local_train(model, data.split.train, replace(cfg.train, lr=lr), plan, epochs=fed.local_epochs,
                            grad_sample_mode=priv.grad_sample_mode, physical_batch_size=priv.physical_batch_size)
     if stats["steps"] != steps:
         raise RuntimeError(f"planned {steps} DP-SGD steps, took {stats['steps']}")
-    ledger.append(entry("spend", eps_after))  # durable before the update leaves this client
+    record = ledger.append(entry("spend", eps_after))  # durable before the update leaves this client
     metrics = MetricRecord({"num-examples": int(len(data.split)), "train-loss": float(stats["loss"]),
                             "train-seconds": float(stats["seconds"]), "dp-noise-multiplier": plan.noise_multiplier,
                             "dp-sample-rate": plan.sample_rate, "dp-steps": int(steps),
                             "dp-max-grad-norm": plan.max_grad_norm, "dp-delta": plan.delta,
                             "dp-epsilon": float(eps_after)})
-    return model, metrics
+    return model, metrics, ConfigRecord(ledger.receipt(record).to_dict())
 
 
 def plain_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *,
@@ -169,19 +173,22 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
                       "for a plain update")
             logger.warning("%s", reason)
             return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
+        receipt: ConfigRecord | None = None  # the ledger entry's receipt (DP-SGD only)
         if cfg.privacy.mode == "dp-sgd":
             fitted = private_fit(cfg, data, msg, run=str(context.run_id), server_round=server_round)
             if isinstance(fitted, Message):  # declined by the client's privacy policy
                 return fitted
+            model, metrics, receipt = fitted
         else:
-            fitted = plain_fit(cfg, data, msg, server_round=server_round)
-        model, metrics = fitted
+            model, metrics = plain_fit(cfg, data, msg, server_round=server_round)
         if secure.RECORD in msg.content:  # secure aggregation, stage 0: keys and metrics, no weights
             trained = {k: v.numpy() for k, v in model.shareable_state().items()}
             return secure.advertise_keys(msg, context, name=data.name, trained=trained, metrics=metrics,
-                                         weight=int(metrics["num-examples"]))
-        return Message(RecordDict({"arrays": ArrayRecord(model.shareable_state()), "metrics": metrics}),
-                       reply_to=msg)
+                                         weight=int(metrics["num-examples"]), receipt=receipt)
+        content = {"arrays": ArrayRecord(model.shareable_state()), "metrics": metrics}
+        if receipt is not None:
+            content[RECEIPT_RECORD] = receipt
+        return Message(RecordDict(content), reply_to=msg)
 
     @app.train(secure.ACTION)
     def secure_stage(msg: Message, context: Context) -> Message:

@@ -8,7 +8,8 @@ Wire layout (the server's adapter is ``server/secure_aggregation.py``):
   "scale-bits"}``. The client trains as usual (DP-SGD with its ledger entry written first when on),
   encodes ``[n_k (w_local - w_global), n_k]`` (:func:`privacy.secagg_update.encode_update`), keeps it
   and its protocol state in ``context.state``, and replies with its ``metrics`` and ``secagg`` =
-  ``{"c_pk", "s_pk", "client"}``: **no weights**.
+  ``{"c_pk", "s_pk", "client"}`` (with DP-SGD also ``ledger-receipt``, the receipt of the ledger
+  entry it wrote first): **no weights**.
 * stages 1-3 (``share_keys``, ``masked_input``, ``unmasking``): ``train.secagg`` messages whose
   ``secagg`` ConfigRecord is the protocol request; the reply is the protocol reply as a ConfigRecord
   ``secagg``, except the masked vector, which travels as ArrayRecord ``secagg-masked`` (``masked``:
@@ -29,7 +30,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from privacy import SECAGG_FAILED
+from privacy import RECEIPT_RECORD, SECAGG_FAILED
+from privacy.ledger import Receipt
 from privacy.secagg import Quantizer, SecAggAborted, SecAggClient, SecAggError
 from privacy.secagg_update import UpdateLayout, encode_update
 
@@ -51,16 +53,21 @@ def _clear(context: Context) -> None:
             del context.state[key]
 
 
-def _failed(msg: Message, context: Context, name: str, stage: str, err: Exception) -> Message:
+def _failed(msg: Message, context: Context, name: str, stage: str, err: Exception,
+            receipt: ConfigRecord | None = None) -> Message:
     _clear(context)
     logger.warning("client %s: secure aggregation %s failed: %s", name, stage, err)
     who = "" if str(err).startswith(f"client {name}:") else f"client {name}, "  # named once
-    return Message(Error(code=SECAGG_FAILED, reason=f"{who}secure aggregation {stage}: {err}"), reply_to=msg)
+    reason = f"{who}secure aggregation {stage}: {err}"
+    if receipt is not None:  # the spend is in the ledger although the update never leaves
+        reason = Receipt.from_dict(dict(receipt)).attach_to(reason)
+    return Message(Error(code=SECAGG_FAILED, reason=reason), reply_to=msg)
 
 
 def advertise_keys(msg: Message, context: Context, *, name: str, trained: Mapping[str, np.ndarray],
-                   metrics: MetricRecord, weight: int) -> Message:
-    """Stage 0, after local training: keep the encoded update and fresh keys; reply keys + metrics."""
+                   metrics: MetricRecord, weight: int, receipt: ConfigRecord | None = None) -> Message:
+    """Stage 0, after local training: keep the encoded update and fresh keys; reply keys + metrics
+    (and ``receipt``, the ledger entry's receipt under DP-SGD; on failure at the end of the reason)."""
     request = dict(msg.content[RECORD])
     _clear(context)
     try:
@@ -72,10 +79,13 @@ def advertise_keys(msg: Message, context: Context, *, name: str, trained: Mappin
         client = SecAggClient(int(request["client-id"]), int(request["round"]))
         keys = client.advertise_keys({"stage": request["stage"], "round": request["round"]})
     except (KeyError, ValueError, SecAggError) as err:
-        return _failed(msg, context, name, "advertise_keys", err)
+        return _failed(msg, context, name, "advertise_keys", err, receipt)
     context.state[STATE_CLIENT] = ConfigRecord({**client.to_state(), "name": name})
     context.state[STATE_UPDATE] = ArrayRecord({"vector": Array(vector)})
-    return Message(RecordDict({"metrics": metrics, RECORD: ConfigRecord({**keys, "client": name})}), reply_to=msg)
+    content = {"metrics": metrics, RECORD: ConfigRecord({**keys, "client": name})}
+    if receipt is not None:
+        content[RECEIPT_RECORD] = receipt
+    return Message(RecordDict(content), reply_to=msg)
 
 
 def handle_stage(msg: Message, context: Context) -> Message:

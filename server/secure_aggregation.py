@@ -5,7 +5,8 @@ One securely aggregated training round, :meth:`SecureRound.run`:
 
 0. *advertise_keys*: the strategy's train messages (global weights, round config) plus the
    ``secagg`` request; each client trains, keeps its update, replies with public keys and metrics.
-   A privacy refusal (``PRIVACY_DECLINED``) is a decline, as in a plain round.
+   A privacy refusal (``PRIVACY_DECLINED``) is a decline, as in a plain round. The stage-0
+   replies carry the clients' ledger receipts (``server/receipts.py``).
 1. *share_keys*, 2. *masked_input*, 3. *unmasking*: ``train.secagg`` messages, each stage one
    ``Grid.send_and_receive`` with ``federation.round_timeout``. A missing reply or an error reply
    at any stage means that client dropped at that stage (its reason is recorded).
@@ -41,6 +42,7 @@ from client.secure_aggregation import ACTION, MASKED_RECORD, RECORD
 from privacy import PRIVACY_DECLINED
 from privacy.secagg import STAGES, Quantizer, SecAggAborted, SecAggError, SecAggServer, choose_graph
 from privacy.secagg_update import UpdateLayout, decode_sum
+from server.receipts import ReceiptLog
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +86,10 @@ class _Aborted(Exception):
 class SecureRound:
     """One securely aggregated training round over ``grid`` (see the module docstring)."""
 
-    def __init__(self, grid: Grid, *, server_round: int, bound: float, scale_bits: int, timeout: float) -> None:
+    def __init__(self, grid: Grid, *, server_round: int, bound: float, scale_bits: int, timeout: float,
+                 receipts: ReceiptLog | None = None) -> None:
         self.grid = grid
+        self.receipts = receipts or ReceiptLog(None)
         self.server_round = server_round
         self.bound = bound
         self.scale_bits = scale_bits
@@ -188,13 +192,19 @@ class SecureRound:
                 if reply is None:
                     self._drop(cid, "advertise_keys", f"no reply within federation.round_timeout = {self.timeout:g} s")
                 elif reply.has_error() and reply.error.code == PRIVACY_DECLINED:
+                    self.receipts.take(reply, server_round=rnd, secure=True, outcome="declined")
                     declined.append(reply)
                 elif reply.has_error():
-                    self._drop(cid, "advertise_keys", f"error {reply.error.code}: {reply.error.reason}")
+                    reason, receipt = self.receipts.take(reply, server_round=rnd, secure=True, outcome="failed")
+                    if receipt is not None:  # it trained and wrote its ledger entry: its name is known
+                        self._names[cid] = receipt.client
+                    self._drop(cid, "advertise_keys", f"error {reply.error.code}: {reason}")
                 elif RECORD not in reply.content.config_records or "metrics" not in reply.content.metric_records:
+                    self.receipts.take(reply, server_round=rnd, secure=True, outcome="failed")
                     self._drop(cid, "advertise_keys", f"malformed reply: expected ConfigRecord {RECORD!r} and "
                                                       "MetricRecord 'metrics'")
                 else:
+                    self.receipts.take(reply, server_round=rnd, secure=True, outcome="trained")
                     trained.append(reply)
                     fields = dict(reply.content[RECORD])
                     self._names[cid] = str(fields.pop("client", self._names[cid]))

@@ -17,8 +17,12 @@ resume); each round uses the strategy's own ``configure_train`` / ``aggregate_tr
    round's line in ``metrics.jsonl`` and the ``model.pt`` artifact (servable by ``fedrec
    recommend``).
 
+Under DP-SGD the clients' replies carry the receipts of their ledger entries; they go to
+``receipts.jsonl`` as the replies arrive (``server/receipts.py``).
+
 On resume the loop starts after the checkpoint's round; ``metrics.jsonl`` lines of rounds after
 it (written before a crash but not checkpointed) are dropped, so no round is counted twice.
+``receipts.jsonl`` keeps every line: the clients did record those spends.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from core_model.data import Vocabulary
 from core_model.model import SASRec
 from core_model.train import cosine_to_tenth, save_checkpoint
 from privacy import PRIVACY_DECLINED
+from privacy.ledger import split_receipt
 from privacy.secagg import Quantizer
+from server.receipts import RECEIPTS, ReceiptLog
 from server.secure_aggregation import SecureRound, what_the_server_saw
 
 logger = logging.getLogger(__name__)
@@ -145,6 +151,7 @@ class RoundLoop:
         self.item_titles = item_titles
         self.num_clients = num_clients
         self.on_round = on_round
+        self.receipts = ReceiptLog(None)
 
     def run(self, grid: Grid) -> dict[str, Any]:
         fed, priv = self.config.federation, self.config.privacy
@@ -158,6 +165,7 @@ class RoundLoop:
                 raise ValueError(f"privacy.secagg_bound={priv.secagg_bound:g} with privacy.secagg_scale_bits="
                                  f"{priv.secagg_scale_bits} does not fit {self.num_clients} clients: {err}") from None
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.receipts = ReceiptLog(self.run_dir / RECEIPTS)
         torch.manual_seed(fed.seed)
         model = SASRec(self.config.model_config(len(self.items)))
         strategy = build_strategy(fed, num_clients=self.num_clients)
@@ -194,8 +202,8 @@ class RoundLoop:
             replies, trained, declined = self._secure_train(grid, rnd, messages, arrays, record)
         else:
             replies, trained, declined = self._plain_train(grid, rnd, messages, record)
-        if declined:
-            record["declined_reasons"] = [r.error.reason for r in declined]
+        if declined:  # the reasons without the ledger receipts at their end (those are in receipts.jsonl)
+            record["declined_reasons"] = [split_receipt(r.error.reason)[0] for r in declined]
         dp = [r.content["metrics"] for r in trained if "dp-epsilon" in r.content["metrics"]]
         if dp:  # what each client reported of its own DP-SGD (the server cannot check it)
             record.update({"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),
@@ -237,9 +245,12 @@ class RoundLoop:
         trained = [r for r in replies if not r.has_error()]
         declined = [r for r in replies if r.has_error() and r.error.code == PRIVACY_DECLINED]
         for r in replies:
+            outcome = ("trained" if not r.has_error() else
+                       "declined" if r.error.code == PRIVACY_DECLINED else "failed")
+            reason, _ = self.receipts.take(r, server_round=rnd, secure=False, outcome=outcome)
             if r.has_error():
                 what = "declined (privacy policy)" if r.error.code == PRIVACY_DECLINED else "failed"
-                logger.warning("round %d: client node %s %s: %s", rnd, r.metadata.src_node_id, what, r.error.reason)
+                logger.warning("round %d: client node %s %s: %s", rnd, r.metadata.src_node_id, what, reason)
         record.update({"secure_aggregation": False, "clients_sampled": len(messages), "clients_ok": len(trained),
                        "clients_failed": len(messages) - len(trained) - len(declined),
                        "clients_declined": len(declined)})
@@ -254,7 +265,7 @@ class RoundLoop:
         """
         priv = self.config.privacy
         result = SecureRound(grid, server_round=rnd, bound=priv.secagg_bound, scale_bits=priv.secagg_scale_bits,
-                             timeout=self.config.federation.round_timeout).run(messages, arrays)
+                             timeout=self.config.federation.round_timeout, receipts=self.receipts).run(messages, arrays)
         record.update({"clients_sampled": len(messages), "clients_ok": result.in_sum,
                        "clients_failed": result.failed, "clients_declined": len(result.declined), **result.record})
         return ([] if result.reply is None else [result.reply]), result.trained, result.declined

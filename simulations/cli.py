@@ -6,6 +6,7 @@
     fedrec synthesize --out FILE.csv [--set data.synthetic.num_users=...]
     fedrec simulate   [--config FILE] [--data-kind K --data PATH] [--set key=value ...] [--out DIR]
     fedrec simulate   --resume RUN_DIR
+    fedrec audit      RUN_DIR [--out DIR] [--policy FILE]
 
 With no data given, ``train`` uses the built-in SYNTHETIC live-commerce log. This module is the
 only place that configures logging and draws progress bars.
@@ -241,6 +242,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Verify the run's ledgers and receipts, recompute every epsilon; exit 1 when a problem is found."""
+    from privacy.audit import audit_run
+    from privacy.audit_report import write_report
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP notes on orders it skips
+    report = audit_run(args.run, policy=args.policy)
+    out = Path(args.out) if args.out else Path(args.run) / "audit"
+    paths = write_report(report, out)
+    verified = sum(c.verified for c in report.clients)
+    print(f"audit of {args.run} ({report.layout}): {len(report.clients)} clients, {verified} verified; "
+          f"{report.accountant}")
+    for f in report.problems:
+        print(f"PROBLEM {f.where()}: {f.kind}: {f.message}")
+    fed = report.federation
+    if fed.get("epsilon") is not None:
+        print(f"federation: user-level epsilon {fed['epsilon']:.4g} (recomputed; ledgers {fed['epsilon_ledger']:.4g}) "
+              f"at delta {fed['delta']:.3g}, the largest over clients (client {fed['client']})")
+    print(("PASSED" if report.ok else f"FAILED: {len(report.problems)} problem(s)") + f"; report: "
+          + ", ".join(str(p) for p in paths))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -276,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/simulate-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its checkpoint")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("audit", help="verify a run's privacy ledgers and receipts and recompute every epsilon")
+    p.add_argument("run", type=Path, metavar="RUN",
+                   help="a run directory (RUN/clients/<client>/ledger.jsonl, receipts.jsonl, metrics.jsonl) "
+                        "or a folder of ledgers collected from a deployment (RUN/<client>/ledger.jsonl)")
+    p.add_argument("--out", type=Path, help="report folder (default RUN/audit)")
+    p.add_argument("--policy", type=Path, help="the clients' policy file (default: the one in RUN/config.json)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("synthesize", help="write the SYNTHETIC live-commerce log as CSV")
     p.add_argument("--out", required=True, type=Path)

@@ -4,7 +4,9 @@ One run directory holds everything: ``config.json`` (resolved settings), ``parti
 (clients and their sizes), ``metrics.jsonl`` (one line per round), ``checkpoint.pt`` (resume
 state), ``model.pt`` (the servable global model), ``rounds.png`` and ``results.json`` (final
 full-ranking metrics of the global model on every user's test target, computed centrally,
-which a simulation may do because it holds all the data).
+which a simulation may do because it holds all the data). With DP-SGD also ``clients/<client>/``
+(each client's privacy ledger and its key pair, unless ``privacy.state_dir`` is set) and
+``receipts.jsonl`` (the server's receipts of the ledger entries); ``fedrec audit`` reads them.
 """
 
 from __future__ import annotations

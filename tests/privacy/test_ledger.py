@@ -1,4 +1,5 @@
-"""Privacy ledger: round trip, crash safety (a real SIGKILL and a hand-made torn line), corruption."""
+"""Privacy ledger: round trip, crash safety (a real SIGKILL and a hand-made torn line), corruption,
+signatures and the hash chain, the key files, unsigned (older) ledgers, receipts."""
 
 import json
 import logging
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from privacy.accounting import PrivacyAccountant
-from privacy.ledger import MECHANISM, LedgerEntry, LedgerError, PrivacyLedger
+from privacy.ledger import (CHAIN_FIELDS, GENESIS_HASH, MECHANISM, LedgerEntry, LedgerError, PrivacyLedger, Receipt,
+                            canonical_json, load_public_key, sha256_hex, split_receipt, verify_signature)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,8 +39,10 @@ def test_round_trip_and_replay(tmp_path):
     assert ledger.entries() == written
     assert ledger.rounds_spent() == 3
     assert ledger.accountant().history == [(1.0, 0.1, 2), (1.2, 0.1, 4)]  # the refusal spent nothing
-    assert all(json.loads(line) == e.to_dict()
-               for line, e in zip(ledger.path.read_text().splitlines(), written))
+    for line, e in zip(ledger.path.read_bytes().splitlines(), written):
+        obj = json.loads(line)
+        assert {k: v for k, v in obj.items() if k not in CHAIN_FIELDS} == e.to_dict()
+        assert line == canonical_json(obj)  # each line is written in canonical form
 
 
 def test_replay_of_twenty_rounds_equals_one_accountant(tmp_path):
@@ -94,7 +98,7 @@ def test_corrupt_middle_line_names_path_and_line(tmp_path):
     for r in range(3):
         ledger.append(entry(r))
     lines = ledger.path.read_text().splitlines(keepends=True)
-    lines[1] = lines[1].replace('"steps": 2', '"steps": "two"')
+    lines[1] = lines[1].replace('"steps":2', '"steps":"two"')
     ledger.path.write_text("".join(lines))
     where = re.escape(str(ledger.path))
     with pytest.raises(LedgerError, match=rf"^{where}:2: not a ledger entry: steps must be an int"):
@@ -138,3 +142,109 @@ def test_sigkill_mid_append_leaves_a_readable_ledger(tmp_path):
     lines = path.read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == list(range(len(found) + 1))
     assert path.read_bytes().endswith(b"\n")
+
+
+def test_entries_are_signed_and_hash_chained(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "c" / "ledger.jsonl")
+    returned = [ledger.append(entry(r)) for r in range(3)]
+    records = ledger.records()
+    assert records == returned
+    key = load_public_key(tmp_path / "c" / "ledger.pub")
+    assert key == ledger.public_key() and len(key) == 64
+    assert [r.seq for r in records] == [0, 1, 2]
+    assert records[0].prev_hash == GENESIS_HASH == "0" * 64
+    assert [r.prev_hash for r in records[1:]] == [r.hash for r in records[:-1]]
+    for raw, r in zip(ledger.path.read_bytes().splitlines(), records):
+        obj = json.loads(raw)
+        body = canonical_json({k: v for k, v in obj.items() if k != "signature"})
+        assert r.body == body and r.hash == sha256_hex(body)
+        assert r.verify(key) and verify_signature(key, body, obj["signature"])
+    # one changed field, or another key, and the signature no longer verifies
+    edited = json.loads(ledger.path.read_bytes().splitlines()[1])
+    edited["epsilon"] = 0.1
+    assert not verify_signature(key, canonical_json({k: v for k, v in edited.items() if k != "signature"}),
+                                edited["signature"])
+    other = PrivacyLedger(tmp_path / "d" / "ledger.jsonl")
+    assert not records[1].verify(other.public_key())
+
+
+def test_key_files_permissions_and_reuse(tmp_path, caplog):
+    ledger = PrivacyLedger(tmp_path / "state" / "eu" / "ledger.jsonl")
+    ledger.append(entry(0))
+    key_file, pub_file = tmp_path / "state" / "eu" / "ledger.key", tmp_path / "state" / "eu" / "ledger.pub"
+    assert ledger.key_path == key_file and ledger.public_key_path == pub_file
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in key_file.read_bytes() and b"PUBLIC KEY" in pub_file.read_bytes()
+    assert sorted(p.name for p in key_file.parent.iterdir()) == ["ledger.jsonl", "ledger.key", "ledger.pub"]
+    # a fresh process (a new PrivacyLedger) keeps the same key; a lost ledger.pub is rewritten from it
+    first = ledger.public_key()
+    pub_file.unlink()
+    again = PrivacyLedger(ledger.path)
+    again.append(entry(1))
+    assert again.public_key() == first == load_public_key(pub_file)
+    assert all(r.verify(first) for r in again.records())
+    # a key others can read is used, with a warning
+    key_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="privacy.ledger"):
+        PrivacyLedger(ledger.path).append(entry(2))
+    assert f"{key_file}: the ledger's signing key has mode 644" in caplog.text
+
+
+def test_two_clients_have_different_keys(tmp_path):
+    a, b = PrivacyLedger(tmp_path / "a" / "ledger.jsonl"), PrivacyLedger(tmp_path / "b" / "ledger.jsonl")
+    a.append(entry(0))
+    b.append(entry(0))
+    assert a.public_key() != b.public_key()
+
+
+def test_torn_tail_then_the_chain_goes_on_from_the_last_complete_line(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.append(entry(0))
+    second = ledger.append(entry(1))
+    with open(ledger.path, "ab") as f:
+        f.write(b'{"accountant":"prv","client":"eu-west","del')  # a crash mid-write
+    assert [r.seq for r in ledger.records()] == [0, 1]
+    third = ledger.append(entry(2))
+    assert third.seq == 2 and third.prev_hash == second.hash and third.line == 3
+    assert ledger.records()[-1] == third
+
+
+def test_unsigned_older_ledger_is_read_and_the_chain_starts_after_it(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.path.write_text("".join(json.dumps(entry(r).to_dict()) + "\n" for r in range(2)))  # the old format
+    assert ledger.entries() == [entry(0), entry(1)]
+    old = ledger.records()
+    assert [r.signed for r in old] == [False, False] and old[1].seq is None
+    new = ledger.append(entry(2))
+    assert new.seq == 2 and new.prev_hash == old[1].hash and new.verify(ledger.public_key())
+    assert ledger.entries() == [entry(0), entry(1), entry(2)]
+    assert ledger.accountant().history == [(1.0, 0.1, 6)]
+
+
+def test_a_partly_signed_line_is_corrupt(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.append(entry(0))
+    obj = json.loads(ledger.path.read_bytes())
+    del obj["signature"]
+    ledger.path.write_bytes(canonical_json(obj) + b"\n")
+    with pytest.raises(LedgerError, match=r":1: not a ledger entry: a signed entry has all of"):
+        ledger.entries()
+    with pytest.raises(LedgerError, match=r":1: not a ledger entry"):
+        ledger.append(entry(1))  # the chain cannot go on from a line it cannot read
+
+
+def test_receipt_round_trip_through_an_error_reason(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    record = ledger.append(entry(3, kind="refusal"))
+    receipt = ledger.receipt(record)
+    assert receipt.problems() == []
+    assert (receipt.client, receipt.round, receipt.kind, receipt.seq) == ("eu-west", 3, "refusal", 0)
+    assert receipt.entry_hash == record.hash and receipt.body.encode() == record.body
+    assert Receipt.from_dict(receipt.to_dict()) == receipt
+    reason = receipt.attach_to("client eu-west: epsilon would exceed the budget [sic]")
+    assert split_receipt(reason) == ("client eu-west: epsilon would exceed the budget [sic]", receipt)
+    assert split_receipt("no receipt here") == ("no receipt here", None)
+    forged = Receipt.from_dict({**receipt.to_dict(), "body": receipt.body.replace('"round":3', '"round":4')})
+    assert "entry_hash is not the SHA-256 of the receipt's body" in forged.problems()[0]
+    with pytest.raises(ValueError, match="receipt seq must be int"):
+        Receipt.from_dict({**receipt.to_dict(), "seq": "0"})
