@@ -40,6 +40,13 @@ def _verdict(report: AuditReport) -> str:
         return (f"**Verdict: FAILED.** {len(problems)} problem{'s' if len(problems) > 1 else ''} "
                 f"({', '.join(kinds)}); see *Problems*.")
     n = len(report.clients)
+    unsigned = sorted({f.client for f in report.findings if f.kind == "unsigned"})
+    if unsigned:
+        # nothing contradicts the ledgers, but unsigned lines cannot prove they were not edited
+        return (f"**Verdict: PASSED WITH WARNINGS.** No problem found in {n} client ledger{'s' if n != 1 else ''} "
+                f"and every epsilon recomputed within {TOLERANCE:.0%}, no policy limit crossed; but "
+                f"{len(unsigned)} ledger{'s are' if len(unsigned) != 1 else ' is'} (partly) unsigned, so their "
+                f"integrity is not verified: {', '.join(unsigned)}.")
     return (f"**Verdict: PASSED.** {n} client ledger{'s' if n != 1 else ''} verified; every epsilon recomputed "
             f"within {TOLERANCE:.0%}; no policy limit crossed.")
 
@@ -97,7 +104,9 @@ def _client_section(c: ClientAudit, report: AuditReport) -> list[str]:
         return out + ["No ledger found for this client (see *Problems*).", ""]
     s = c.summary
     key = f"`{c.public_key[:16]}...` (from {c.public_key_source})" if c.public_key else "none (not checked)"
-    out += [f"- verified: **{'yes' if c.verified else 'NO'}**; ledger `{c.ledger}`, {len(c.entries)} entries; "
+    unsigned = any(f.kind == "unsigned" and f.client == c.client for f in report.findings)
+    verdict = "NO" if not c.verified else "no problem found, but unsigned lines: integrity not verified" if unsigned else "yes"
+    out += [f"- verified: **{verdict}**; ledger `{c.ledger}`, {len(c.entries)} entries; "
             f"public key {key}; {c.receipts} receipts",
             f"- unit of privacy: {s['unit_of_privacy']}",
             f"- mechanism: {'; '.join(s['mechanisms']) or '-'}",

@@ -260,8 +260,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if fed.get("epsilon") is not None:
         print(f"federation: user-level epsilon {fed['epsilon']:.4g} (recomputed; ledgers {fed['epsilon_ledger']:.4g}) "
               f"at delta {fed['delta']:.3g}, the largest over clients (client {fed['client']})")
-    print(("PASSED" if report.ok else f"FAILED: {len(report.problems)} problem(s)") + f"; report: "
-          + ", ".join(str(p) for p in paths))
+    unsigned = sorted({f.client for f in report.findings if f.kind == "unsigned"})
+    verdict = f"FAILED: {len(report.problems)} problem(s)" if not report.ok else (
+        f"PASSED WITH WARNINGS: unsigned ledger lines (integrity not verified) at {', '.join(unsigned)}"
+        if unsigned else "PASSED")
+    print(verdict + "; report: " + ", ".join(str(p) for p in paths))
     return 0 if report.ok else 1
 
 

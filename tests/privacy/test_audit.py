@@ -275,6 +275,9 @@ def test_unsigned_older_ledgers_are_read_and_reported_as_unsigned(tmp_path):
     assert report.ok
     assert any(f.kind == "unsigned" and f.severity == "warning" for f in report.findings)
     assert [e.signature for e in report.clients[0].entries] == ["unsigned", "unsigned"]
+    write_report(report, tmp_path / "out")  # the verdict must not read as a verified ledger
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**Verdict: PASSED WITH WARNINGS.**" in text and "integrity is not verified: eu-west" in text
     # the client goes on signing: the chain starts after the unsigned lines, which stay a warning
     PrivacyLedger(ledger_path(run)).append(entry("eu-west", 3))
     report = audit_run(run)
