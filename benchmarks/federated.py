@@ -35,6 +35,19 @@ DATASETS = {"ml-1m": ("ml-1m", "ml-1m"), "ml-100k": ("ml-100k", "ml-100k"),
             "twitch": ("twitch", "twitch/twitch105k.csv.gz")}
 
 
+def data_settings(kind: str, rel: str, data_root: Path) -> list[str] | None:
+    """``data.kind`` / ``data.path`` overrides for a data set under ``data_root`` (``rel`` empty: no
+    file, e.g. the built-in synthetic log); None, after saying so on stderr, when the file is absent."""
+    settings = [f'data.kind="{kind}"']
+    if rel:
+        path = data_root / rel
+        if not path.exists():
+            print(f"data {path} is absent; pass --data-root", file=sys.stderr)
+            return None
+        settings.append(f'data.path="{path}"')
+    return settings
+
+
 class PeakMemory:
     """Peak RSS, sampled every ``interval`` seconds: this process and all its descendants, or
     (``children=False``) this process alone. ``base`` is the RSS at construction."""
@@ -75,12 +88,10 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", type=Path)
     args = parser.parse_args()
-    kind, rel = DATASETS[args.dataset]
-    path = args.data_root / rel
-    if not path.exists():
-        print(f"data {path} is absent; pass --data-root", file=sys.stderr)
+    data = data_settings(*DATASETS[args.dataset], args.data_root)
+    if data is None:
         return 2
-    cfg = load_config(None, [f'data.kind="{kind}"', f'data.path="{path}"', *args.overrides])
+    cfg = load_config(None, [*data, *args.overrides])
     run_dir = args.run_dir or ROOT / "runs" / f"bench-federated-{args.name}"
     curve: list[dict] = []
 

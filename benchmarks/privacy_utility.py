@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from federated import data_settings  # noqa: E402  (benchmarks/federated.py, this script's folder)
 from core_model.config import load_config  # noqa: E402
 from privacy.ledger import PrivacyLedger  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
@@ -87,14 +88,9 @@ def main() -> int:
     parser.add_argument("--run-root", type=Path, help="where the runs go (default runs/privacy-utility-<name>)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    kind, rel = DATASETS[args.dataset]
-    base = [f'data.kind="{kind}"']
-    if rel:
-        path = args.data_root / rel
-        if not path.exists():
-            print(f"data {path} is absent; pass --data-root", file=sys.stderr)
-            return 2
-        base.append(f'data.path="{path}"')
+    base = data_settings(*DATASETS[args.dataset], args.data_root)
+    if base is None:
+        return 2
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     root = args.run_root or ROOT / "runs" / f"privacy-utility-{args.name}"
     rows, popularity = [], None

@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from federated import data_settings  # noqa: E402  (benchmarks/federated.py, this script's folder)
 from core_model.config import load_config  # noqa: E402
 
 DATASETS = {"ml-1m": ("ml-1m", "ml-1m"), "ml-100k": ("ml-100k", "ml-100k"), "synthetic": ("synthetic", "")}
@@ -135,14 +136,9 @@ def _final_state(run_dir: Path) -> dict[str, np.ndarray]:
 def rounds(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
-    kind, rel = DATASETS[args.dataset]
-    base = [f'data.kind="{kind}"']
-    if rel:
-        path = args.data_root / rel
-        if not path.exists():
-            print(f"data {path} is absent; pass --data-root", file=sys.stderr)
-            return 2
-        base.append(f'data.path="{path}"')
+    base = data_settings(*DATASETS[args.dataset], args.data_root)
+    if base is None:
+        return 2
     root = args.run_root or ROOT / "runs" / f"secagg-{args.name}"
     rows = []
     for n in args.clients:
