@@ -39,11 +39,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ClientData:
-    """What one client holds: its users' leave-one-out split, the (public) catalogue size, a name."""
+    """What one client holds: its users' leave-one-out split, the (public) catalogue size, a name.
+
+    ``canaries``: how many of the split's users (its last rows) are canary users of an empirical
+    audit (``privacy/canaries.py``): trained on and counted like every user, left out of evaluation.
+    """
 
     split: LeaveOneOutSplit
     num_items: int
     name: str
+    canaries: int = 0
+
+    @property
+    def eval_split(self) -> LeaveOneOutSplit:
+        """The real users (canaries excluded), for evaluation."""
+        return self.split if not self.canaries else self.split.subset(range(len(self.split) - self.canaries))
 
 
 DataSource = Callable[[ExperimentConfig, Context], ClientData]
@@ -199,9 +209,9 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
         cfg, data = resolve(context)
         device = select_device(cfg.train.device)
         model = _model(cfg, data, msg.content["arrays"]).to(device)
-        m = evaluate_model(model, data.split, which="test", exclude_history=cfg.eval.exclude_history,
+        m = evaluate_model(model, data.eval_split, which="test", exclude_history=cfg.eval.exclude_history,
                            sampled=False, device=device)
-        metrics = MetricRecord({"num-examples": int(len(data.split)), "ndcg@10": float(m["ndcg@10"]),
+        metrics = MetricRecord({"num-examples": int(len(data.eval_split)), "ndcg@10": float(m["ndcg@10"]),
                                 "hr@10": float(m["hr@10"]), "mrr": float(m["mrr"])})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -182,6 +182,13 @@ class PrivacyConfig:
     quantized to ``2**-secagg_scale_bits``. ``ceil(secagg_bound * 2**secagg_scale_bits)`` times the
     number of clients in a round must stay below ``2**63``: the defaults (``2**24``, 24 bits) allow
     32,767 clients per round and a quantization error of at most ``2**-25`` on the averaged delta.
+
+    Empirical audit (``privacy/canaries.py``; ``fedrec audit RUN --empirical``): ``audit_canaries``
+    > 0 draws that many canary users (``audit_canary_length`` distinct random items each), spreads
+    them over the clients and includes each in its client's training data with probability 1/2
+    (they count as that client's users, in the DP accounting too). The simulation writes them to
+    ``<run dir>/canaries.json`` and records the path in ``audit_canary_file`` (set it only to reuse
+    a canary file). Works with every ``mode``, so that a run without DP can be audited the same way.
     """
 
     mode: str = "none"
@@ -197,6 +204,9 @@ class PrivacyConfig:
     secure_aggregation: str = "auto"
     secagg_bound: float = SECAGG_DEFAULT_BOUND
     secagg_scale_bits: int = SECAGG_DEFAULT_SCALE_BITS
+    audit_canaries: int = 0
+    audit_canary_length: int = 20
+    audit_canary_file: str = ""
 
     @property
     def secure_aggregation_enabled(self) -> bool:
@@ -224,6 +234,9 @@ class PrivacyConfig:
             ("secagg_bound", bound_ok, "a finite number > 0 (the largest |n_k * (w_local - w_global)| and n_k "
                                        "a client may contribute)"),
             ("secagg_scale_bits", bits_ok, "an int in [0, 62] (fixed-point bits)"),
+            ("audit_canaries", self.audit_canaries >= 0, ">= 0 (0: no canaries)"),
+            ("audit_canary_length", self.audit_canary_length >= 3,
+             ">= 3 (a canary is a user: one training pair plus the two items leave-one-out holds out)"),
             ("secagg_bound", not (bound_ok and bits_ok)
              or 2 * math.ceil(math.ldexp(min(self.secagg_bound, 2.0**63), bits)) < 2**63,
              f"small enough that 2 * ceil(secagg_bound * 2**secagg_scale_bits) < 2**63 (the sum of two "

@@ -29,10 +29,13 @@ What is checked, per client
 4. **Policy** (when a policy file is recorded in the run's ``config.json`` or given): the
    recomputed epsilon at the policy's delta against ``max_epsilon``, noise against
    ``min_noise_multiplier``, spends against ``max_rounds``.
+5. **Empirical leakage** (``empirical=True``, a run trained with canaries): a membership test on
+   the canary users gives a lower bound on epsilon from the final model alone
+   (:mod:`privacy.canaries`); a lower bound above the claimed epsilon is a problem.
 
 What it cannot check: a client that lies consistently (records in ledger and receipts what it did
-not run, e.g. less noise than it recorded); entries a key holder wrote after the last receipt; the
-empirical leakage of the model (the canary audit is not built).
+not run, e.g. less noise than it recorded); entries a key holder wrote after the last receipt; how
+much the model leaks beyond the lower bound that the canaries give.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ TAMPERING = ("corrupt", "edited", "deleted", "inserted", "reordered", "bad-signa
 CANNOT_CHECK = (
     "A client that lies consistently, recording in its ledger and its receipts a mechanism it did not "
     "run (e.g. less noise than recorded), passes: the audit checks what was recorded and whether the "
-    "numbers follow from it, not what was run. The empirical audit (canaries) is not built yet.",
+    "numbers follow from it, not what was run. The empirical audit (`--empirical`, a run trained with "
+    "canary users) tests what the trained model leaks, but only as a lower bound.",
     "Entries that the key holder (the client) appended after its last receipt, or a ledger it rewrote "
     "before sending any receipt, cannot be told from genuine ones.",
 )
@@ -149,6 +153,7 @@ class AuditReport:
     checked: list[str]
     not_checked: list[str]
     accountant: str
+    empirical: dict[str, Any] | None = None
 
     @property
     def problems(self) -> list[Finding]:
@@ -765,12 +770,15 @@ def _server_view(rows: list[dict[str, Any]], receipts: list[ReceiptLine] | None,
     return out
 
 
-def audit_run(run_dir: str | Path, *, policy: str | Path | None = None) -> AuditReport:
+def audit_run(run_dir: str | Path, *, policy: str | Path | None = None, empirical: bool = False,
+              empirical_delta: float | None = None) -> AuditReport:
     """Audit the run directory ``run_dir`` (see the module docstring); ``policy`` overrides the
-    policy file recorded in its ``config.json``.
+    policy file recorded in its ``config.json``. ``empirical``: also the canary membership test
+    (the run must have been trained with canaries) at ``empirical_delta`` (default: the
+    federation's delta; for a run without DP, the delta DP would have stated).
 
     Raises ``FileNotFoundError`` when ``run_dir`` does not exist and ``ValueError`` when it holds
-    no ledger, each naming the path.
+    no ledger (unless ``empirical``: a run without DP can still be tested), each naming the path.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -781,7 +789,7 @@ def audit_run(run_dir: str | Path, *, policy: str | Path | None = None) -> Audit
     receipts_path = run_dir / "receipts.jsonl"
     receipts, findings = (read_receipts(receipts_path) if receipts_path.is_file() else (None, []))
     receipt_clients = sorted({r.receipt.client for r in receipts or []})
-    if not ledgers and not receipt_clients:
+    if not ledgers and not receipt_clients and not empirical:
         raise ValueError(f"no privacy ledgers under {run_dir}: expected {run_dir / 'clients'}/<client>/ledger.jsonl "
                          f"(a simulation run with privacy.mode=\"dp-sgd\") or {run_dir}/<client>/ledger.jsonl (ledgers "
                          "collected from a deployment)")
@@ -854,16 +862,32 @@ def audit_run(run_dir: str | Path, *, policy: str | Path | None = None) -> Audit
         server_view = _server_view(rounds, receipts, dp, findings)
         checked.append("what the server could see in each round (secure aggregation, dropouts), from metrics.jsonl, "
                        "and that every reply that trained or declined came with a receipt")
+    federation = _federation(clients, findings)
+    emp = None
+    if empirical:
+        from privacy.canaries import empirical_audit
+        emp = empirical_audit(run_dir, delta=empirical_delta if empirical_delta is not None else federation["delta"],
+                              claimed_epsilon=federation["epsilon"])
+        checked.append(f"what the final model leaks about {emp['canaries']} canary users (membership test, "
+                       f"{emp['method']}): a lower bound on epsilon at delta {emp['delta']:.3g}, against the claim")
+        if emp["consistent"] is False:
+            findings.append(Finding(ERROR, "empirical-leak", "(run)", None, emp["verdict"]))
+            federation["statement"] += " The empirical audit contradicts this claim (below)."
+    elif (run_dir / "canaries.json").is_file():
+        not_checked.append("Empirical leakage: the run has canaries; add --empirical to test them.")
+    else:
+        not_checked.append("Empirical leakage: the run was trained without canaries (privacy.audit_canaries).")
     return AuditReport(run_dir=str(run_dir), layout="simulation run" if config else "collected ledgers",
                        created=utc_now(), clients=clients, findings=findings,
-                       federation=_federation(clients, findings), server_view=server_view, policy=policy_info,
-                       checked=checked, not_checked=not_checked, accountant=_accountant_version())
+                       federation=federation, server_view=server_view, policy=policy_info,
+                       checked=checked, not_checked=not_checked, accountant=_accountant_version(), empirical=emp)
 
 
 def _federation(clients: list[ClientAudit], findings: list[Finding]) -> dict[str, Any]:
     spent = [c for c in clients if c.entries]
     if not spent:
-        return {"epsilon": None, "delta": None, "statement": "no client spent any privacy budget"}
+        return {"epsilon": None, "delta": None, "statement": "No client spent any privacy budget: the run "
+                "claims no differential privacy." if not clients else "no client spent any privacy budget"}
     eps = max(c.summary["epsilon_recomputed"] for c in spent)
     eps_ledger = max(c.summary["epsilon"] for c in spent)
     delta = max(c.summary["delta"] for c in spent)

@@ -1,6 +1,7 @@
 """Writes an :class:`privacy.audit.AuditReport`: ``report.md`` (for people), ``report.json`` (every
 number in it), ``epsilon.png`` (epsilon per round per client: the ledger's and the recomputed) and,
-when a policy's ``max_epsilon`` is known, ``budget.png`` (budget remaining per round per client)."""
+when a policy's ``max_epsilon`` is known, ``budget.png`` (budget remaining per round per client);
+with the empirical audit, ``canaries.png`` (membership scores of included and excluded canaries)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def _verdict(report: AuditReport) -> str:
         return (f"**Verdict: FAILED.** {len(problems)} problem{'s' if len(problems) > 1 else ''} "
                 f"({', '.join(kinds)}); see *Problems*.")
     n = len(report.clients)
+    if not n:
+        return ("**Verdict: NO DIFFERENTIAL PRIVACY CLAIMED.** The run has no privacy ledgers; only the empirical "
+                "leakage test ran (see *Empirical audit*).")
     unsigned = sorted({f.client for f in report.findings if f.kind == "unsigned"})
     if unsigned:
         # nothing contradicts the ledgers, but unsigned lines cannot prove they were not edited
@@ -62,7 +66,7 @@ def to_markdown(report: AuditReport) -> str:
         out.append("")
     fed = report.federation
     out += ["## Federation", "", fed["statement"], ""]
-    out += ["## Clients", ""]
+    out += ["## Clients", ""] + ([] if report.clients else ["No privacy ledgers in this run.", ""])
     for c in report.clients:
         out += _client_section(c, report)
     if report.server_view:
@@ -77,6 +81,8 @@ def to_markdown(report: AuditReport) -> str:
                        f"{in_sum} | {r.get('clients_declined', 0)} | {_cell(dropped or '-')} | "
                        f"{r.get('receipts', '-')} | {_cell(r['server_saw'])} |")
         out.append("")
+    if report.empirical is not None:
+        out += _empirical_section(report.empirical)
     notes = [f for f in report.findings if f.severity in (WARNING, INFO)]
     if notes:
         out += ["## Warnings and notes", ""]
@@ -94,8 +100,30 @@ def to_markdown(report: AuditReport) -> str:
             f"- *epsilon (PLD)* is recomputed independently from each line's events (steps of the "
             f"Poisson-subsampled Gaussian mechanism) with Google's dp_accounting; it must agree within "
             f"{TOLERANCE:.0%} (a PRV ledger may be up to 0.01 higher: Opacus reports an upper bound).",
-            "- Plots: `epsilon.png` (ledger: markers, recomputed: lines); `budget.png` (policy budget left).", ""]
+            "- Plots: `epsilon.png` (ledger: markers, recomputed: lines); `budget.png` (policy budget left); "
+            "`canaries.png` (membership scores of the canaries, with `--empirical`).", ""]
     return "\n".join(out)
+
+
+def _empirical_section(e: dict[str, Any]) -> list[str]:
+    claimed = "none (no DP)" if e["claimed_epsilon"] is None else f"{e['claimed_epsilon']:.4g}"
+    out = ["## Empirical audit (canaries)", "",
+           f"**Empirical lower bound: epsilon >= {e['epsilon_lower_bound']:.3g}** at delta {e['delta']:.3g}, "
+           f"confidence {1 - e['significance']:.0%}; claimed epsilon: {claimed}. {e['verdict'][0].upper()}"
+           f"{e['verdict'][1:]}.", "",
+           f"- method: {e['method']}",
+           f"- unit: {e['unit']}",
+           f"- canaries: {e['canaries']} ({e['members']} included), {e['canary_length']} random items each, spread "
+           f"over {e['clients_with_canaries']} clients; model after round {e['rounds']}",
+           f"- membership AUC {e['auc']:.3f} (0.5: no signal); mean score members {e['mean_score_members']:.4f}, "
+           f"non-members {e['mean_score_nonmembers']:.4f}",
+           "- a lower bound is a test, not an estimate: a DP run must stay below its claim; a small bound does not "
+           "prove privacy (one-run black-box canaries are weak attacks)", "",
+           "| k (in / out guesses) | guesses | correct | epsilon lower bound |", "|---|---|---|---|"]
+    for g in e["grid"]:
+        out.append(f"| {g['k']} | {g['guesses']} | {g['correct']} | {g['epsilon_lower_bound']:.3g} |")
+    return out + ["", f"Each row is tested at significance {e['significance']:g} / {len(e['grid'])} (Bonferroni); "
+                      "plot: `canaries.png`.", ""]
 
 
 def _client_section(c: ClientAudit, report: AuditReport) -> list[str]:
@@ -149,23 +177,42 @@ def plot(report: AuditReport, out_dir: Path) -> list[Path]:
     clients = [c for c in report.clients if c.entries]
     by_round = all([e.round for e in c.entries] == sorted(set(e.round for e in c.entries)) for c in clients)
     xlabel = "round" if by_round else "ledger entry"
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, c in enumerate(clients):
-        color = f"C{k % 10}"
-        x = _x(c, by_round)
-        ax.plot(x, [e.epsilon_recomputed for e in c.entries], color=color, label=f"{c.client} (PLD)")
-        ax.plot(x, [e.epsilon for e in c.entries], "o", color=color, fillstyle="none", label=f"{c.client} (ledger)")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("cumulative epsilon (user level)")
-    ax.set_title("epsilon per client: ledger (markers) and recomputed (lines)")
-    ax.grid(alpha=0.3)
-    if clients:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths.append(out_dir / "epsilon.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths: list[Path] = []
+    if report.clients:  # no ledgers (a run without DP, audited empirically): no epsilon to plot
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k, c in enumerate(clients):
+            color = f"C{k % 10}"
+            x = _x(c, by_round)
+            ax.plot(x, [e.epsilon_recomputed for e in c.entries], color=color, label=f"{c.client} (PLD)")
+            ax.plot(x, [e.epsilon for e in c.entries], "o", color=color, fillstyle="none", label=f"{c.client} (ledger)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("cumulative epsilon (user level)")
+        ax.set_title("epsilon per client: ledger (markers) and recomputed (lines)")
+        ax.grid(alpha=0.3)
+        if clients:
+            ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        paths.append(out_dir / "epsilon.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if report.empirical is not None:
+        e = report.empirical
+        fig, ax = plt.subplots(figsize=(7, 4))
+        both = e["scores"]["members"] + e["scores"]["non_members"]
+        bins = 40 if both else 1
+        ax.hist(e["scores"]["non_members"], bins=bins, range=(min(both), max(both)) if both else None, alpha=0.6,
+                label=f"not trained on ({e['canaries'] - e['members']})")
+        ax.hist(e["scores"]["members"], bins=bins, range=(min(both), max(both)) if both else None, alpha=0.6,
+                label=f"trained on ({e['members']})")
+        ax.set_xlabel("membership score (mean log-likelihood of the canary's next items)")
+        ax.set_ylabel("canaries")
+        ax.set_title(f"canaries: AUC {e['auc']:.3f}, epsilon >= {e['epsilon_lower_bound']:.3g} "
+                     f"(delta {e['delta']:.3g})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "canaries.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     if report.policy is not None:
         fig, ax = plt.subplots(figsize=(7, 4))
         for k, c in enumerate(clients):

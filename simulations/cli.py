@@ -6,7 +6,7 @@
     fedrec synthesize --out FILE.csv [--set data.synthetic.num_users=...]
     fedrec simulate   [--config FILE] [--data-kind K --data PATH] [--set key=value ...] [--out DIR]
     fedrec simulate   --resume RUN_DIR
-    fedrec audit      RUN_DIR [--out DIR] [--policy FILE]
+    fedrec audit      RUN_DIR [--out DIR] [--policy FILE] [--empirical [--delta D]]
 
 With no data given, ``train`` uses the built-in SYNTHETIC live-commerce log. This module is the
 only place that configures logging and draws progress bars.
@@ -248,7 +248,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from privacy.audit_report import write_report
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP notes on orders it skips
-    report = audit_run(args.run, policy=args.policy)
+    report = audit_run(args.run, policy=args.policy, empirical=args.empirical, empirical_delta=args.delta)
     out = Path(args.out) if args.out else Path(args.run) / "audit"
     paths = write_report(report, out)
     verified = sum(c.verified for c in report.clients)
@@ -260,8 +260,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if fed.get("epsilon") is not None:
         print(f"federation: user-level epsilon {fed['epsilon']:.4g} (recomputed; ledgers {fed['epsilon_ledger']:.4g}) "
               f"at delta {fed['delta']:.3g}, the largest over clients (client {fed['client']})")
+    if report.empirical is not None:
+        e = report.empirical
+        print(f"empirical: {e['canaries']} canaries ({e['members']} trained on), membership AUC {e['auc']:.3f}; "
+              f"epsilon lower bound {e['epsilon_lower_bound']:.3g} at delta {e['delta']:.3g} "
+              f"({1 - e['significance']:.0%} confidence): {e['verdict']}")
     unsigned = sorted({f.client for f in report.findings if f.kind == "unsigned"})
     verdict = f"FAILED: {len(report.problems)} problem(s)" if not report.ok else (
+        "NO DP CLAIMED (no privacy ledgers): only the empirical test ran" if not report.clients else
         f"PASSED WITH WARNINGS: unsigned ledger lines (integrity not verified) at {', '.join(unsigned)}"
         if unsigned else "PASSED")
     print(verdict + "; report: " + ", ".join(str(p) for p in paths))
@@ -310,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a folder of ledgers collected from a deployment (RUN/<client>/ledger.jsonl)")
     p.add_argument("--out", type=Path, help="report folder (default RUN/audit)")
     p.add_argument("--policy", type=Path, help="the clients' policy file (default: the one in RUN/config.json)")
+    p.add_argument("--empirical", action="store_true",
+                   help="also test what the final model leaks about the run's canary users (a run simulated with "
+                        "--set privacy.audit_canaries=N): an empirical lower bound on epsilon, against the claim")
+    p.add_argument("--delta", type=float, help="delta of the empirical lower bound (default: the ledgers' delta; "
+                                               "without ledgers, 1 / (10 n) of the smallest client)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("synthesize", help="write the SYNTHETIC live-commerce log as CSV")

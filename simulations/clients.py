@@ -12,10 +12,13 @@ import logging
 from dataclasses import asdict
 from functools import lru_cache
 
+import numpy as np
+
 from client.client_app import ClientData
 from core_model.config import DataConfig, ExperimentConfig, FederationConfig
 from core_model.data import InteractionLog, LeaveOneOutSplit
 from core_model.pipeline import load_log, split_log
+from privacy.canaries import Canaries
 from simulations.partition import Partition, partition_users
 
 logger = logging.getLogger(__name__)
@@ -48,10 +51,39 @@ def load_federation(config: ExperimentConfig) -> tuple[InteractionLog, LeaveOneO
                        json.dumps(asdict(config.federation), sort_keys=True))
 
 
+@lru_cache(maxsize=2)
+def _canaries(path: str) -> Canaries:
+    return Canaries.load(path)
+
+
+def with_canaries(split: LeaveOneOutSplit, histories: list[np.ndarray]) -> LeaveOneOutSplit:
+    """``split`` with the canary users ``histories`` appended as its last rows (leave-one-out like
+    every user: all but the last two items to train on; user index -1: not a user of the log)."""
+    if not histories:
+        return split
+    return LeaveOneOutSplit(
+        train=list(split.train) + [np.asarray(h[:-2], dtype=np.int64) for h in histories],
+        valid_targets=np.concatenate([split.valid_targets, [int(h[-2]) for h in histories]]).astype(np.int64),
+        test_targets=np.concatenate([split.test_targets, [int(h[-1]) for h in histories]]).astype(np.int64),
+        user_index=np.concatenate([split.user_index, np.full(len(histories), -1)]).astype(np.int64),
+        num_items=split.num_items, removed_short_users=split.removed_short_users)
+
+
 def simulated_client_data(config: ExperimentConfig, partition_id: int) -> ClientData:
+    """Partition ``partition_id``'s users, plus its included canary users when the run has canaries."""
     log, split, partition = load_federation(config)
     if not 0 <= partition_id < partition.num_clients:
         raise ValueError(f"partition-id {partition_id} is out of range: the federation has "
                          f"{partition.num_clients} clients")
-    return ClientData(split=split.subset(partition.rows[partition_id]), num_items=log.num_items,
-                      name=partition.names[partition_id])
+    name = partition.names[partition_id]
+    mine = split.subset(partition.rows[partition_id])
+    path = config.privacy.audit_canary_file
+    if not path:
+        return ClientData(split=mine, num_items=log.num_items, name=name)
+    canaries = _canaries(path)
+    if canaries.num_items != log.num_items:
+        raise ValueError(f"{path}: canaries drawn for a catalogue of {canaries.num_items} items, but the data "
+                         f"has {log.num_items}")
+    histories = canaries.of_client(name)
+    return ClientData(split=with_canaries(mine, histories), num_items=log.num_items, name=name,
+                      canaries=len(histories))

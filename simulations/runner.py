@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,20 @@ def server_view(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def write_canaries(config: ExperimentConfig, run_dir: Path, *, num_items: int, clients: Sequence[str]) -> Path:
+    """Draw the run's canary users (``privacy.audit_canaries``, OS randomness) into ``run_dir/canaries.json``."""
+    from privacy.canaries import CANARY_FILE, make_canaries
+
+    priv = config.privacy
+    canaries = make_canaries(num=priv.audit_canaries, length=priv.audit_canary_length, num_items=num_items,
+                             clients=list(clients))
+    path = Path(run_dir) / CANARY_FILE
+    canaries.save(path)
+    logger.info("empirical audit: %d canary users (%d included) of %d items each, written to %s",
+                len(canaries), int(canaries.included.sum()), priv.audit_canary_length, path)
+    return path
+
+
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
@@ -93,9 +107,12 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     if config.privacy.mode != "none" and not config.privacy.state_dir:
         # each simulated client keeps its privacy ledger under the run directory
         config = replace(config, privacy=replace(config.privacy, state_dir=str((run_dir / "clients").resolve())))
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     t0 = time.perf_counter()
     log, split, partition = load_federation(config)
+    if config.privacy.audit_canaries and not config.privacy.audit_canary_file:
+        config = replace(config, privacy=replace(config.privacy, audit_canary_file=str(
+            write_canaries(config, run_dir, num_items=log.num_items, clients=partition.names).resolve())))
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (run_dir / "partition.json").write_text(json.dumps(partition.report(), indent=2) + "\n")
     logger.info("%s: %d clients (%s), users per client min %d / max %d", log.name, partition.num_clients,
                 partition.scheme, min(partition.sizes()), max(partition.sizes()))
