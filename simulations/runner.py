@@ -7,6 +7,8 @@ full-ranking metrics of the global model on every user's test target, computed c
 which a simulation may do because it holds all the data). With DP-SGD also ``clients/<client>/``
 (each client's privacy ledger and its key pair, unless ``privacy.state_dir`` is set) and
 ``receipts.jsonl`` (the server's receipts of the ledger entries); ``fedrec audit`` reads them.
+With ``privacy.audit_canaries`` also ``canaries.json`` (the canary users and their inclusion bits,
+for ``fedrec audit --empirical``).
 """
 
 from __future__ import annotations
