@@ -94,7 +94,7 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
        (``RECEIPT_RECORD``: its canonical bytes, hash, signature and the client's public key):
        only then may anything leave.
     """
-    from privacy.dp import MECHANISM, dp_local_train, plan_dp
+    from privacy.dp import MECHANISM, distributed_mechanism, dp_local_train, noise_share, plan_dp
     from privacy.ledger import LedgerEntry, PrivacyLedger
     from privacy.policy import load_policy
 
@@ -102,15 +102,22 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
     if not priv.state_dir:
         raise ValueError("privacy.state_dir is empty: a client needs a state directory for its privacy ledger")
     ledger = PrivacyLedger(Path(priv.state_dir) / data.name / "ledger.jsonl")
+    distributed = priv.noise_placement == "distributed"
+    if distributed and priv.distributed_min_clients < 1:
+        raise ValueError("privacy.distributed_min_clients must be >= 1 at a client with privacy.noise_placement="
+                         "'distributed': the number of clients whose noise shares every sum must hold (a simulation "
+                         "fills it in; a deployed client must set it)")
     plan = plan_dp(priv, num_users=len(data.split), batch_size=cfg.train.batch_size,
-                   planned_epochs=fed.num_rounds * fed.local_epochs)
-    steps = fed.local_epochs * plan.steps_per_epoch
+                   planned_epochs=fed.num_rounds * fed.local_epochs,
+                   planned_steps=fed.num_rounds if distributed else None)
+    steps = 1 if distributed else fed.local_epochs * plan.steps_per_epoch
+    mechanism = distributed_mechanism(priv.distributed_min_clients) if distributed else MECHANISM
     accountant = ledger.accountant()
     accountant.add(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps)
     eps_after = accountant.epsilon(plan.delta, accountant=plan.accountant)
 
     def entry(kind: str, epsilon: float, reason: str = "") -> LedgerEntry:
-        return LedgerEntry(run=run, round=server_round, client=data.name, kind=kind, mechanism=MECHANISM,
+        return LedgerEntry(run=run, round=server_round, client=data.name, kind=kind, mechanism=mechanism,
                            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                            steps=steps if kind == "spend" else 0, max_grad_norm=plan.max_grad_norm,
                            delta=plan.delta, epsilon=epsilon, accountant=plan.accountant, reason=reason)
@@ -129,8 +136,14 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
             return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
     model = _model(cfg, data, msg.content["arrays"])
     lr = round_lr(msg.content["config"], cfg.train.lr)
-    stats = dp_local_train(model, data.split.train, replace(cfg.train, lr=lr), plan, epochs=fed.local_epochs,
-                           grad_sample_mode=priv.grad_sample_mode, physical_batch_size=priv.physical_batch_size)
+    if distributed:  # one plain-SGD step with this client's share of the noise; the sum carries all of it
+        share = replace(plan, noise_multiplier=noise_share(plan.noise_multiplier, priv.distributed_min_clients))
+        stats = dp_local_train(model, data.split.train, replace(cfg.train, lr=lr), share, epochs=1, max_steps=1,
+                               sgd=True, grad_sample_mode=priv.grad_sample_mode,
+                               physical_batch_size=priv.physical_batch_size)
+    else:
+        stats = dp_local_train(model, data.split.train, replace(cfg.train, lr=lr), plan, epochs=fed.local_epochs,
+                               grad_sample_mode=priv.grad_sample_mode, physical_batch_size=priv.physical_batch_size)
     if stats["steps"] != steps:
         raise RuntimeError(f"planned {steps} DP-SGD steps, took {stats['steps']}")
     record = ledger.append(entry("spend", eps_after))  # durable before the update leaves this client

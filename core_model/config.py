@@ -30,6 +30,7 @@ from core_model.validation import check_fields
 DATA_KINDS = ("synthetic", "interactions", "sasrec", "ml-1m", "ml-100k", "twitch")
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
 PRIVACY_MODES = ("none", "dp-sgd")
+NOISE_PLACEMENTS = ("local", "distributed")
 PARTITIONS = ("attribute", "group", "iid", "dirichlet-size", "dirichlet-label")
 SECURE_AGGREGATION = ("auto", "on", "off")
 SECAGG_DEFAULT_BOUND = float(2**24)
@@ -183,6 +184,20 @@ class PrivacyConfig:
     number of clients in a round must stay below ``2**63``: the defaults (``2**24``, 24 bits) allow
     32,767 clients per round and a quantization error of at most ``2**-25`` on the averaged delta.
 
+    Distributed noise (``noise_placement="distributed"``; docs/privacy.md): instead of a whole local
+    epoch of DP-SGD, each round every client takes ONE Poisson-sampled step's clipped gradient sum,
+    adds only a share ``noise_multiplier / sqrt(t)`` of the noise (``t`` =
+    ``distributed_min_clients``), and sends ``-lr * (sum + noise share) / (q n)`` (one plain-SGD
+    step) through secure aggregation. The server's sum then carries noise of multiplier
+    ``noise_multiplier`` whenever at least ``t`` clients are in it; a round with fewer is aborted,
+    model unchanged. Accounted as one DP-SGD step per round at ``noise_multiplier``: the guarantee
+    holds against the server and any party that sees only sums or models, as long as fewer than
+    ``t`` clients' noise shares are known to it (a coalition of the server with ``c`` clients faces
+    only ``(t - c) / t`` of the noise variance), and as long as the other clients add their shares.
+    Needs secure aggregation, ``federation.local_epochs = 1`` and one ``noise_multiplier`` for every
+    client (not ``target_epsilon``: per-client calibrations would differ); each client's epsilon
+    then follows from its own sample rate over one step per round.
+
     Empirical audit (``privacy/canaries.py``; ``fedrec audit RUN --empirical``): ``audit_canaries``
     > 0 draws that many canary users (``audit_canary_length`` distinct random items each), spreads
     them over the clients and includes each in its client's training data with probability 1/2
@@ -207,6 +222,8 @@ class PrivacyConfig:
     audit_canaries: int = 0
     audit_canary_length: int = 20
     audit_canary_file: str = ""
+    noise_placement: str = "local"
+    distributed_min_clients: int = 0
 
     @property
     def secure_aggregation_enabled(self) -> bool:
@@ -235,6 +252,18 @@ class PrivacyConfig:
                                        "a client may contribute)"),
             ("secagg_scale_bits", bits_ok, "an int in [0, 62] (fixed-point bits)"),
             ("audit_canaries", self.audit_canaries >= 0, ">= 0 (0: no canaries)"),
+            ("noise_placement", self.noise_placement in NOISE_PLACEMENTS, f"one of {NOISE_PLACEMENTS}"),
+            ("noise_placement", self.noise_placement == "local" or dp,
+             "'local' unless mode='dp-sgd' (distributed noise is a DP-SGD mode)"),
+            ("noise_placement", self.noise_placement == "local" or not dp or self.secure_aggregation_enabled,
+             "'local' when secure aggregation is off: distributed noise protects users only inside a securely "
+             "aggregated sum (set privacy.secure_aggregation to 'auto' or 'on')"),
+            ("noise_placement", self.noise_placement == "local" or not dp or self.noise_multiplier > 0,
+             "'local' with target_epsilon: distributed noise needs one noise_multiplier shared by every client "
+             "(each client's own calibration would give the sum less noise than some clients assume); set "
+             "privacy.noise_multiplier"),
+            ("distributed_min_clients", self.distributed_min_clients >= 0,
+             ">= 0 (0: every client sampled in a round; a simulation fills it in)"),
             ("audit_canary_length", self.audit_canary_length >= 3,
              ">= 3 (a canary is a user: one training pair plus the two items leave-one-out holds out)"),
             ("secagg_bound", not (bound_ok and bits_ok)
@@ -253,6 +282,11 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if self.privacy.noise_placement == "distributed" and self.federation.local_epochs != 1:
+            raise ValueError(f"federation.local_epochs must be 1 with privacy.noise_placement='distributed' (one "
+                             f"DP-SGD step per round, summed across clients), got {self.federation.local_epochs}")
 
     def model_config(self, num_items: int) -> ModelConfig:
         return ModelConfig.from_dict({**self.model, "num_items": num_items})

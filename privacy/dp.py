@@ -39,6 +39,30 @@ MECHANISM = ("DP-SGD (Opacus): Poisson-sampled users, each user's whole-history 
              "Gaussian noise")
 
 
+def distributed_mechanism(min_clients: int) -> str:
+    """The ledger's mechanism string for distributed noise (``privacy.noise_placement="distributed"``)."""
+    return (f"distributed DP-SGD (Opacus): Poisson-sampled users, each user's whole-history gradient clipped; "
+            f"this client adds 1/sqrt({min_clients}) of the noise and releases one SGD step only inside a "
+            f"securely aggregated sum of at least {min_clients} clients (the recorded noise multiplier is the "
+            f"sum's; against a party that knows c of those clients' noise shares, only ({min_clients} - c) / "
+            f"{min_clients} of its variance remains)")
+
+
+def noise_share(noise_multiplier: float, min_clients: int) -> float:
+    """One client's share of the noise: ``noise_multiplier / sqrt(min_clients)``.
+
+    Independent Gaussian shares add in variance: ``t`` shares of standard deviation
+    ``sigma C / sqrt(t)`` sum to one of ``sigma C``, the noise of one DP-SGD step on the union of the
+    clients' users (every user is at one client, so adding or removing one moves the sum by at most
+    ``C``). With more than ``t`` clients in the sum the noise only grows.
+    """
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+        raise ValueError(f"min_clients must be an int >= 1, got {min_clients!r}")
+    return noise_multiplier / math.sqrt(min_clients)
+
+
 @dataclass(frozen=True)
 class DPPlan:
     """The mechanism's parameters for one client (fixed for the whole run)."""
@@ -52,12 +76,14 @@ class DPPlan:
     num_users: int
 
 
-def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_epochs: int) -> DPPlan:
+def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_epochs: int,
+            planned_steps: int | None = None) -> DPPlan:
     """Sampling rate, noise and delta for a client with ``num_users`` users.
 
     q = 1 / ceil(n / B) (Opacus' convention: ``steps_per_epoch`` = ceil(n / B) expected batches of
     B users). With ``privacy.target_epsilon`` the noise is calibrated once so that
-    ``planned_epochs`` epochs (the whole run) spend exactly that epsilon at delta.
+    ``planned_epochs`` epochs (the whole run) spend exactly that epsilon at delta, or
+    ``planned_steps`` steps when given (distributed noise: one step per round).
     """
     if num_users < 1:
         raise ValueError(f"num_users must be >= 1, got {num_users}")
@@ -65,6 +91,8 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if planned_epochs < 1:
         raise ValueError(f"planned_epochs must be >= 1, got {planned_epochs}")
+    if planned_steps is not None and planned_steps < 1:
+        raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
     steps_per_epoch = math.ceil(num_users / batch_size)
     q = 1.0 / steps_per_epoch
     delta = privacy.delta or default_delta(num_users)
@@ -72,7 +100,8 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
         sigma = privacy.noise_multiplier
     else:
         sigma = noise_for_target_epsilon(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q,
-                                         steps=planned_epochs * steps_per_epoch, accountant=privacy.accountant)
+                                         steps=planned_steps or planned_epochs * steps_per_epoch,
+                                         accountant=privacy.accountant)
     return DPPlan(noise_multiplier=float(sigma), sample_rate=q, steps_per_epoch=steps_per_epoch,
                   max_grad_norm=privacy.max_grad_norm, delta=delta, accountant=privacy.accountant,
                   num_users=num_users)
@@ -91,8 +120,17 @@ def dp_local_train(
     epochs: int,
     grad_sample_mode: str = "hooks",
     physical_batch_size: int = 64,
+    max_steps: int | None = None,
+    sgd: bool = False,
 ) -> dict[str, float]:
     """Train ``model`` in place with DP-SGD for ``epochs`` x ``plan.steps_per_epoch`` steps.
+
+    ``max_steps``: stop after that many steps. ``sgd``: plain SGD (no momentum, no weight decay)
+    instead of the configured AdamW, with the step scaled so that it is linear in the noisy gradient
+    sum with the same factor at every client: ``update = -lr * (clipped sum + noise) / n`` (``n`` =
+    this client's users), i.e. ``n * update = -lr * (sum + noise)``, which is what secure
+    aggregation adds up (distributed noise needs exactly that: a client-dependent factor such as
+    Opacus' ``1 / (q n)`` would weigh one client's users against the others' noise).
 
     The learning rate is ``config.lr``, held constant (the server sets it per round). Runs in
     float32 (per-sample gradients under bf16 autocast are not validated). The weights stay in
@@ -114,7 +152,9 @@ def dp_local_train(
     model.packed = False  # one row per user through every layer: per-user gradients need it
     batches = SequenceBatches(train, model.config.max_len)
     flat = replace(config, schedule="constant", warmup_epochs=0.0)
-    optimizer = make_optimizer(model, flat)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr) if sgd else make_optimizer(model, flat)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     loader = DataLoader(TensorDataset(torch.arange(len(batches))), batch_size=math.ceil(len(batches) / plan.steps_per_epoch),
                         generator=_os_seeded())
     if len(loader) != plan.steps_per_epoch:
@@ -127,6 +167,9 @@ def dp_local_train(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
             noise_generator=_os_seeded())
+    if sgd:  # Opacus divides by its expected batch size; make the step -lr * (sum + noise) / n
+        for group in dp_optimizer.param_groups:
+            group["lr"] = config.lr * dp_optimizer.expected_batch_size / len(batches)
     negatives_rng = _os_seeded()
     steps, sampled, start = 0, 0, time.perf_counter()
     total, seen = 0.0, 0
@@ -135,6 +178,8 @@ def dp_local_train(
         for epoch in range(epochs):
             total, seen = 0.0, 0
             for batch in dp_loader:
+                if max_steps is not None and steps >= max_steps:
+                    break
                 rows = batch[0] if len(batch) else torch.empty(0, dtype=torch.long)
                 dp_optimizer.zero_grad(set_to_none=True)
                 if len(rows) == 0:

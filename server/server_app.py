@@ -57,6 +57,22 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
+def distributed_noise_shortfall(*, in_sum: int, components: int, min_clients: int) -> str:
+    """Why a securely aggregated sum of a distributed-noise round may not be used ("" when it may).
+
+    Each client added ``1 / sqrt(min_clients)`` of the noise, so a sum of fewer than ``min_clients``
+    clients carries less than the accounted noise; a round whose survivors split into several
+    components reveals one (smaller) sum per component.
+    """
+    if components > 1:
+        return (f"distributed noise: the survivors split into {components} groups, each revealing its own partial "
+                f"sum, which carries less than the whole noise (needs one sum of >= {min_clients} clients)")
+    if in_sum < min_clients:
+        return (f"distributed noise: only {in_sum} clients' noise shares are in the sum, at least {min_clients} are "
+                "needed for the accounted noise")
+    return ""
+
+
 def build_strategy(fed: FederationConfig, *, num_clients: int | None = None) -> Strategy:
     """FedAvg / FedProx / FedAdam from ``fed``, weighted by the clients' numbers of users."""
     common: dict[str, Any] = dict(
@@ -268,7 +284,15 @@ class RoundLoop:
                              timeout=self.config.federation.round_timeout, receipts=self.receipts).run(messages, arrays)
         record.update({"clients_sampled": len(messages), "clients_ok": result.in_sum,
                        "clients_failed": result.failed, "clients_declined": len(result.declined), **result.record})
-        return ([] if result.reply is None else [result.reply]), result.trained, result.declined
+        reply = result.reply
+        if reply is not None and priv.mode == "dp-sgd" and priv.noise_placement == "distributed":
+            reason = distributed_noise_shortfall(in_sum=result.in_sum, components=record.get("secagg_components", 1),
+                                                 min_clients=priv.distributed_min_clients or len(messages))
+            if reason:  # the sum does not carry the whole noise: it must not be used (nor kept)
+                logger.warning("round %d: aborted: %s; the model is unchanged", rnd, reason)
+                record.update({"secagg_aborted": True, "secagg_abort_reason": reason, "clients_ok": 0})
+                reply = None
+        return ([] if reply is None else [reply]), result.trained, result.declined
 
     def _checkpoint(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, model: SASRec,
                     record: dict[str, Any]) -> None:

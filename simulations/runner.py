@@ -54,6 +54,9 @@ def server_view(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"secure_aggregation": priv.secure_aggregation_enabled,
                            "server_saw": what_the_server_saw(secure=priv.secure_aggregation_enabled,
                                                              dp=priv.mode == "dp-sgd")}
+    if priv.mode == "dp-sgd" and priv.noise_placement == "distributed":
+        out["server_saw"] += (f" (distributed noise: each client's update carries 1/sqrt({priv.distributed_min_clients})"
+                              " of the noise, only the sum all of it; rounds with fewer clients in the sum aborted)")
     if priv.secure_aggregation_enabled:
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
         out["secagg_rounds_aborted"] = [r["round"] for r in rows if r.get("secagg_aborted")]
@@ -111,6 +114,11 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
         config = replace(config, privacy=replace(config.privacy, state_dir=str((run_dir / "clients").resolve())))
     t0 = time.perf_counter()
     log, split, partition = load_federation(config)
+    priv, fed = config.privacy, config.federation
+    if priv.noise_placement == "distributed" and not priv.distributed_min_clients:
+        # every client sampled in a round must be in the sum for it to carry the whole noise
+        per_round = max(int(partition.num_clients * fed.fraction_train), fed.min_train_clients)
+        config = replace(config, privacy=replace(priv, distributed_min_clients=min(per_round, partition.num_clients)))
     if config.privacy.audit_canaries and not config.privacy.audit_canary_file:
         config = replace(config, privacy=replace(config.privacy, audit_canary_file=str(
             write_canaries(config, run_dir, num_items=log.num_items, clients=partition.names).resolve())))
