@@ -13,7 +13,9 @@ Wire layout (the server's adapter is ``server/secure_aggregation.py``):
 * stages 1-3 (``share_keys``, ``masked_input``, ``unmasking``): ``train.secagg`` messages whose
   ``secagg`` ConfigRecord is the protocol request; the reply is the protocol reply as a ConfigRecord
   ``secagg``, except the masked vector, which travels as ArrayRecord ``secagg-masked`` (``masked``:
-  uint64; an ArrayRecord is chunked on the wire, a ConfigRecord is not).
+  uint64; an ArrayRecord is chunked on the wire, a ConfigRecord is not), with ConfigRecord
+  ``secagg`` = ``{"refused": [ids]}`` beside it when the client refused some neighbours' share
+  ciphertexts (``privacy/secagg.py``, stage 2).
 
 A client that cannot go on (update beyond the bound, a refused or malformed request, state lost)
 replies with error ``SECAGG_FAILED`` naming itself and the reason; the server counts it as dropped
@@ -104,8 +106,11 @@ def handle_stage(msg: Message, context: Context) -> Message:
             content = RecordDict({RECORD: ConfigRecord(client.share_keys(request))})
         elif stage == "masked_input":
             vector = np.asarray(context.state[STATE_UPDATE]["vector"].numpy(), dtype=np.uint64)
-            masked = np.frombuffer(client.masked_input(request, vector)["masked"], dtype="<u8")
+            reply = client.masked_input(request, vector)
+            masked = np.frombuffer(reply["masked"], dtype="<u8")
             content = RecordDict({MASKED_RECORD: ArrayRecord({"masked": Array(masked.astype(np.uint64))})})
+            if "refused" in reply:  # neighbours whose share ciphertexts it refused (it masked without them)
+                content[RECORD] = ConfigRecord({"refused": list(reply["refused"])})
             del context.state[STATE_UPDATE]  # the update has left, masked; nothing to keep
         elif stage == "unmasking":
             content = RecordDict({RECORD: ConfigRecord(client.unmask(request))})

@@ -20,8 +20,8 @@ self mask from a fresh 32-byte seed), and the shares it asks for at unmasking. N
 signed keys of Bonawitz et al. Sect. 6, or SecAgg+'s authenticated variant; not implemented),
 and clients that collude with the server beyond the threshold (below).
 
-Stages (a client absent from a stage's replies has dropped)
-----------------------------------------------------------
+Stages (a client absent from a stage's replies, or whose reply the server rejects, has dropped)
+-----------------------------------------------------------------------------------------------
 Sets: ``U0`` all clients, ``U1`` advertised keys, ``U2`` shared keys, ``U3`` sent a masked input,
 ``U4`` answered the unmasking request; ``N(u)`` is ``u``'s neighbourhood, ``t`` the threshold.
 
@@ -37,10 +37,17 @@ Sets: ``U0`` all clients, ``U1`` advertised keys, ``U2`` shared keys, ``U3`` sen
    decrypts and keeps the shares, and sends ``y_u = x_u + PRG(b_u) + sum_v sign(u, v) PRG(s_uv)``
    mod ``2**64`` over ``v`` in ``N(u) & U2``, with ``sign = +1`` if ``u < v`` else ``-1`` and
    ``s_uv = HKDF-SHA256(X25519(s_u, s_v))`` bound to the round and both ids. Pairwise masks of two
-   clients in ``U3`` cancel in the sum.
-3. *unmasking*: the server tells ``u`` which neighbours it masked with survived (``N(u) & U3``) and
-   which dropped (``N(u) & (U2 - U3)``). The client checks that the two sets are disjoint and
-   together are exactly the neighbours it masked with, then returns its share of ``b_v`` for each
+   clients in ``U3`` cancel in the sum. A ciphertext that fails authentication (or holds shares
+   outside the field) is *refused*: ``u`` masks without that sender, keeps none of its shares and
+   names it in its reply (``refused``), as long as ``t`` senders remain. The server then leaves
+   the refused sender's masked input out (it counts as dropped at this stage, in
+   :attr:`SecAggServer.rejected`) and removes its pairwise masks with the clients that did mask
+   with it, as for any dropout; so one client's bad ciphertexts cannot make all its neighbours
+   drop.
+3. *unmasking*: the server tells ``u`` which neighbours it masked with survived (``M(u) & U3``) and
+   which dropped (``M(u) - U3``), ``M(u)`` being its senders less those it refused. The client
+   checks that the two sets are disjoint and together are exactly the neighbours it masked with
+   (``M(u)``), then returns its share of ``b_v`` for each
    survivor and of ``s_v`` for each dropped neighbour, never both for the same neighbour, and
    answers at most one such request per round. The server reconstructs every needed secret from
    ``t`` shares, removes the self masks of ``U3`` and the pairwise masks between ``U3`` and the
@@ -59,7 +66,8 @@ advertise_keys        request ``{}``; reply ``{"c_pk": bytes, "s_pk": bytes}``
 share_keys            request ``{"threshold", "neighbours", "alive", "c_pks", "s_pks"}``;
                       reply ``{"receivers": [id], "ciphertexts": [bytes]}``
 masked_input          request ``{"length", "senders", "ciphertexts"}``;
-                      reply ``{"masked": bytes}`` (``length`` little-endian uint64)
+                      reply ``{"masked": bytes}`` (``length`` little-endian uint64), plus
+                      ``"refused": [id]`` when some senders' ciphertexts were refused
 unmasking             request ``{"survivors": [id], "dropped": [id]}``; reply ``{"seed_owners",
                       "seed_shares", "key_owners", "key_shares"}`` (shares: 66-byte big-endian)
 ====================  ==========================================================================
@@ -120,7 +128,7 @@ import numbers
 import os
 import random
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, asdict, dataclass
 from typing import Any
 
@@ -725,25 +733,31 @@ class SecAggClient:
         if unknown:
             raise SecAggError(f"{where}: ciphertexts from client(s) {unknown}, which are not among "
                               f"its alive neighbours {sorted(self._peers)}")
-        if len(senders) < self._threshold:
-            raise SecAggAborted(
-                f"{where}: only {len(senders)} of client {self.client_id}'s neighbours shared keys, "
-                f"threshold {self._threshold} needed; its secrets could not be reconstructed",
-                client_id=self.client_id, available=len(senders), needed=self._threshold,
-                stage="masked_input")
-        held = {}
+        held, refused = {}, []
         for v, blob in zip(senders, ciphertexts):
             key = _agree(self._c_key, self._peers[v][0], purpose=b"share-encryption",
                          round_id=self.round_id, a=self.client_id, b=v)
-            plaintext = _open(key, blob, round_id=self.round_id, sender=v, receiver=self.client_id)
-            b_share = int.from_bytes(plaintext[:SHARE_BYTES], "big")
-            s_share = int.from_bytes(plaintext[SHARE_BYTES:], "big")
-            if not (b_share < PRIME and s_share < PRIME):
-                raise SecAggError(f"{where}: the shares from client {v} are outside the field")
+            try:
+                plaintext = _open(key, blob, round_id=self.round_id, sender=v, receiver=self.client_id)
+                b_share = int.from_bytes(plaintext[:SHARE_BYTES], "big")
+                s_share = int.from_bytes(plaintext[SHARE_BYTES:], "big")
+                if not (b_share < PRIME and s_share < PRIME):
+                    raise SecAggError(f"{where}: the shares from client {v} are outside the field")
+            except SecAggError as err:  # refused: no mask with v, none of its shares; the server is told
+                logger.warning("%s; client %s masks without client %s", err, self.client_id, v)
+                refused.append(v)
+                continue
             held[v] = (b_share, s_share)
+        if len(held) < self._threshold:
+            why = f" ({len(refused)} refused)" if refused else ""
+            raise SecAggAborted(
+                f"{where}: only {len(held)} of client {self.client_id}'s neighbours shared keys{why}, "
+                f"threshold {self._threshold} needed; its secrets could not be reconstructed",
+                client_id=self.client_id, available=len(held), needed=self._threshold,
+                stage="masked_input")
         masked = vector.copy()  # (L,) uint64; += and -= wrap mod 2**64
         masked += prg(self._seed, length, purpose="self-mask")
-        for v in senders:
+        for v in held:
             s_uv = _agree(self._s_key, self._peers[v][1], purpose=b"pairwise-mask",
                           round_id=self.round_id, a=self.client_id, b=v)
             if self.client_id < v:
@@ -753,7 +767,10 @@ class SecAggClient:
         self._held = held
         self._c_key = self._s_key = self._seed = None  # not needed any more: nothing left to leak
         self._next = 3
-        return {"masked": masked.astype("<u8", copy=False).tobytes()}
+        reply: dict[str, Any] = {"masked": masked.astype("<u8", copy=False).tobytes()}
+        if refused:
+            reply["refused"] = refused
+        return reply
 
     def unmask(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Stage 3: shares of ``b_v`` for surviving and of ``s_v`` for dropped neighbours.
@@ -839,8 +856,15 @@ class SecAggServer:
         requests = server.unmask(replies)          # ... clients[u].unmask(r)
         total, summary = server.aggregate(replies)
 
-    A method that raises leaves the server as it was. Replies from clients that were not asked,
-    or that do not match what they were sent, are :class:`SecAggError`.
+    A reply that is malformed or does not match what its client was sent (a key of the wrong size
+    or a low-order point, receivers other than the alive neighbours it was given, a masked vector of
+    the wrong length, shares for other owners than it was asked about or outside the field) is
+    **rejected**: that client counts as dropped at that stage, exactly as if it had not answered,
+    and the reason is kept in :attr:`rejected`. The round then goes on through the ordinary dropout
+    recovery and aborts (:class:`SecAggAborted`) only when too few shares remain. A method that
+    raises leaves the server as it was (except :attr:`rejected`, which keeps the replies it
+    refused). Replies from clients that were not asked, or not passed as a dict, are
+    :class:`SecAggError` (a caller's mistake, not a client's).
     """
 
     def __init__(self, graph: CommunicationGraph, *, round_id: int, vector_length: int) -> None:
@@ -856,7 +880,30 @@ class SecAggServer:
         self._requests: dict[int, dict[str, Any]] = {}  # last requests sent, by client
         self._public: dict[int, tuple[bytes, bytes]] = {}
         self._masked: dict[int, np.ndarray] = {}
+        self._masked_with: dict[int, frozenset[int]] = {}  # M(u) of every u in U3
         self._result: tuple[np.ndarray, SecAggSummary] | None = None
+        self._rejected: dict[str, dict[int, str]] = {}
+
+    @property
+    def rejected(self) -> dict[str, dict[int, str]]:
+        """The replies refused so far, by stage name: ``{client_id: reason}`` (each such client
+        counts as dropped at that stage)."""
+        return {stage: dict(reasons) for stage, reasons in self._rejected.items()}
+
+    def _accept(self, replies: Mapping[int, Mapping[str, Any]], stage: str,
+                parse: Callable[[int, Mapping[str, Any], str], Any]) -> dict[int, Any]:
+        """``parse(client_id, reply, where)`` for every reply; one that raises :class:`SecAggError`
+        is rejected (recorded in :attr:`rejected`, left out of the result)."""
+        accepted: dict[int, Any] = {}
+        rejected: dict[int, str] = {}
+        for u, reply in self._replies(replies, stage).items():
+            try:
+                accepted[u] = parse(u, reply, f"round {self.round_id}, {stage} reply of client {u}")
+            except SecAggError as err:
+                rejected[u] = str(err)
+                logger.info("%s: client %s counts as dropped at %s", err, u, stage)
+        self._rejected[stage] = rejected
+        return accepted
 
     def _begin(self, step: str) -> None:
         if self._next >= len(_SERVER_STEPS) or _SERVER_STEPS[self._next] != step:
@@ -887,12 +934,19 @@ class SecAggServer:
     def share_keys(self, replies: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
         """Stage 0 replies -> stage 1 requests: each client gets its alive neighbours' keys."""
         self._begin("share_keys")
-        replies = self._replies(replies, "advertise_keys")
-        public = {}
-        for u, reply in replies.items():
-            where = f"round {self.round_id}, advertise_keys reply of client {u}"
-            public[u] = (_bytes_field(reply, "c_pk", where, KEY_BYTES),
-                         _bytes_field(reply, "s_pk", where, KEY_BYTES))
+        probe = X25519PrivateKey.generate()
+
+        def parse(u: int, reply: Mapping[str, Any], where: str) -> tuple[bytes, bytes]:
+            keys = (_bytes_field(reply, "c_pk", where, KEY_BYTES), _bytes_field(reply, "s_pk", where, KEY_BYTES))
+            for name, key in zip(("c_pk", "s_pk"), keys):
+                try:  # a low-order point would make every neighbour's key agreement fail
+                    probe.exchange(X25519PublicKey.from_public_bytes(key))
+                except ValueError as err:
+                    raise SecAggError(f"{where}: field {name!r} is not a usable X25519 public key "
+                                      f"({err})") from None
+            return keys
+
+        public = self._accept(replies, "advertise_keys", parse)
         requests = {}
         for u in public:
             alive = sorted(self.graph.neighbours[u] & public.keys())
@@ -908,16 +962,17 @@ class SecAggServer:
     def masked_input(self, replies: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
         """Stage 1 replies -> stage 2 requests: route each ciphertext to its receiver."""
         self._begin("masked_input")
-        replies = self._replies(replies, "share_keys")
-        outgoing: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> ciphertext
-        for u, reply in replies.items():
-            where = f"round {self.round_id}, share_keys reply of client {u}"
+
+        def parse(u: int, reply: Mapping[str, Any], where: str) -> dict[int, bytes]:
             receivers = _id_list(reply, "receivers", where)
             if sorted(receivers) != self._requests[u]["alive"]:
                 raise SecAggError(f"{where}: receivers {sorted(receivers)} differ from the alive "
                                   f"neighbours it was sent {self._requests[u]['alive']}")
             blobs = _bytes_list(reply, "ciphertexts", where, _CIPHERTEXT_BYTES, len(receivers))
-            outgoing[u] = dict(zip(receivers, blobs))
+            return dict(zip(receivers, blobs))
+
+        # sender -> receiver -> ciphertext; a rejected sender's ciphertexts are delivered to nobody
+        outgoing: dict[int, dict[int, bytes]] = self._accept(replies, "share_keys", parse)
         requests = {}
         for w in outgoing:
             senders = sorted(v for v in outgoing if w in outgoing[v])
@@ -931,19 +986,36 @@ class SecAggServer:
     def unmask(self, replies: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
         """Stage 2 replies -> stage 3 requests: each survivor learns which neighbours survived."""
         self._begin("unmask")
-        replies = self._replies(replies, "masked_input")
-        masked = {}
-        for u, reply in replies.items():
-            where = f"round {self.round_id}, masked_input reply of client {u}"
+
+        def parse(u: int, reply: Mapping[str, Any], where: str) -> tuple[np.ndarray, list[int]]:
             blob = _bytes_field(reply, "masked", where, 8 * self.vector_length)
-            masked[u] = np.frombuffer(blob, dtype="<u8").astype(np.uint64, copy=False)
-        shared = self._answered[1]
+            refused = _id_list(reply, "refused", where) if "refused" in reply else []
+            stray = sorted(set(refused) - set(self._requests[u]["senders"]))
+            if stray:
+                raise SecAggError(f"{where}: it refused client(s) {stray}, which sent it no ciphertext")
+            return np.frombuffer(blob, dtype="<u8").astype(np.uint64, copy=False), refused
+
+        parsed = self._accept(replies, "masked_input", parse)
+        accused: dict[int, list[int]] = {}  # sender -> the clients that refused its ciphertexts
+        for u, (_, refused) in parsed.items():
+            for v in refused:
+                accused.setdefault(v, []).append(u)
+        for v, by in sorted(accused.items()):
+            if v in parsed:
+                self._rejected["masked_input"][v] = (
+                    f"round {self.round_id}, masked_input: client(s) {sorted(by)} refused the share "
+                    f"ciphertext(s) of client {v} (authentication failed or shares outside the field); "
+                    "its masked input is left out")
+                logger.info("%s: client %s counts as dropped at masked_input", self._rejected["masked_input"][v], v)
+        masked = {u: vector for u, (vector, _) in parsed.items() if u not in accused}
+        # M(u): the senders u masked with (all but those it refused)
+        masked_with = {u: frozenset(self._requests[u]["senders"]) - set(parsed[u][1]) for u in masked}
         requests = {}
         for u in masked:
-            near = self.graph.neighbours[u] & shared
+            near = masked_with[u]
             requests[u] = self._request("unmasking", survivors=sorted(near & masked.keys()),
                                         dropped=sorted(near - masked.keys()))
-        self._masked, self._requests = masked, requests
+        self._masked, self._masked_with, self._requests = masked, masked_with, requests
         self._answered.append(frozenset(masked))
         self._next = 4
         return dict(requests)
@@ -954,30 +1026,35 @@ class SecAggServer:
         Raises :class:`SecAggAborted` when any needed secret has fewer than ``threshold`` shares.
         """
         self._begin("aggregate")
-        replies = self._replies(replies, "unmasking")
         t = self.graph.threshold
-        seed_shares: dict[int, list[tuple[int, int]]] = {}
-        key_shares: dict[int, list[tuple[int, int]]] = {}
-        for u, reply in replies.items():
-            where = f"round {self.round_id}, unmasking reply of client {u}"
-            request = self._requests[u]
-            for owners_key, shares_key, asked, into in (
-                    ("seed_owners", "seed_shares", request["survivors"], seed_shares),
-                    ("key_owners", "key_shares", request["dropped"], key_shares)):
+
+        def parse(u: int, reply: Mapping[str, Any], where: str) -> list[list[tuple[int, int]]]:
+            request, parsed = self._requests[u], []
+            for owners_key, shares_key, asked in (("seed_owners", "seed_shares", request["survivors"]),
+                                                  ("key_owners", "key_shares", request["dropped"])):
                 owners = _id_list(reply, owners_key, where)
                 if sorted(owners) != asked:
                     raise SecAggError(f"{where}: {owners_key} {sorted(owners)} differ from the "
                                       f"request {asked}")
-                for v, blob in zip(owners, _bytes_list(reply, shares_key, where, SHARE_BYTES,
-                                                       len(owners))):
-                    y = int.from_bytes(blob, "big")
+                shares = [(v, int.from_bytes(blob, "big")) for v, blob in
+                          zip(owners, _bytes_list(reply, shares_key, where, SHARE_BYTES, len(owners)))]
+                for v, y in shares:
                     if y >= PRIME:
                         raise SecAggError(f"{where}: the share for client {v} is outside the field")
+                parsed.append(shares)
+            return parsed
+
+        accepted = self._accept(replies, "unmasking", parse)  # a rejected client's shares are not used
+        seed_shares: dict[int, list[tuple[int, int]]] = {}
+        key_shares: dict[int, list[tuple[int, int]]] = {}
+        for u, (seeds, keys) in accepted.items():
+            for into, shares in ((seed_shares, seeds), (key_shares, keys)):
+                for v, y in shares:
                     into.setdefault(v, []).append((u, y))
         survivors = sorted(self._masked)
         shared = self._answered[1]
         needed_keys = sorted(v for v in shared - self._masked.keys()
-                             if self.graph.neighbours[v] & self._masked.keys())
+                             if any(v in self._masked_with[u] for u in self._masked))
         if not survivors:
             raise SecAggAborted(f"round {self.round_id}: no masked input was received",
                                 client_id=None, available=0, needed=1, stage="masked_input")
@@ -1005,7 +1082,7 @@ class SecAggServer:
             if private.public_key().public_bytes_raw() != self._public[v][1]:
                 raise SecAggError(f"round {self.round_id}: the reconstructed mask private key of "
                                   f"client {v} does not match its public key: inconsistent shares")
-            for u in sorted(self.graph.neighbours[v] & self._masked.keys()):
+            for u in sorted(u for u in self._masked if v in self._masked_with[u]):
                 s_uv = _agree(private, self._public[u][1], purpose=b"pairwise-mask",
                               round_id=self.round_id, a=u, b=v)
                 if u < v:  # u added +PRG(s_uv): take it away
@@ -1013,7 +1090,7 @@ class SecAggServer:
                 else:
                     total += prg(s_uv, self.vector_length, purpose="pairwise-mask")
 
-        answered = [frozenset(self.graph.clients)] + self._answered + [frozenset(replies)]
+        answered = [frozenset(self.graph.clients)] + self._answered + [frozenset(accepted)]
         summary = SecAggSummary(
             round_id=self.round_id, clients=self.graph.clients, degree=self.graph.degree,
             threshold=t, survivors=tuple(survivors),
@@ -1028,7 +1105,7 @@ class SecAggServer:
         logger.info("round %s: aggregated %s of %s clients (dropped per stage %s)", self.round_id,
                     len(survivors), len(self.graph.clients),
                     {stage: len(ids) for stage, ids in summary.dropped.items()})
-        self._answered.append(frozenset(replies))
+        self._answered.append(frozenset(accepted))
         self._result = (total, summary)
         self._next = 5
         return total, summary

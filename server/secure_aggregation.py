@@ -8,8 +8,11 @@ One securely aggregated training round, :meth:`SecureRound.run`:
    A privacy refusal (``PRIVACY_DECLINED``) is a decline, as in a plain round. The stage-0
    replies carry the clients' ledger receipts (``server/receipts.py``).
 1. *share_keys*, 2. *masked_input*, 3. *unmasking*: ``train.secagg`` messages, each stage one
-   ``Grid.send_and_receive`` with ``federation.round_timeout``. A missing reply or an error reply
-   at any stage means that client dropped at that stage (its reason is recorded).
+   ``Grid.send_and_receive`` with ``federation.round_timeout``. A missing reply, an error reply or
+   a malformed reply (wrong records, metrics without an int ``num-examples``, or protocol fields the
+   server rejects: ``SecAggServer.rejected``) at any stage means that client dropped at that stage:
+   logged with its node id and the reason, recorded in ``secagg_dropped`` / ``secagg_errors``
+   (``secagg_malformed`` counts the malformed ones), and the round goes on with the others.
 4. The protocol returns the exact sum of the surviving clients' quantized vectors
    ``[n_k (w_k - w), n_k]`` (``privacy/secagg_update.py``); the server divides by the summed ``n_k``
    and hands the strategy **one** reply carrying ``w + delta`` with ``num-examples = sum n_k``.
@@ -17,7 +20,7 @@ One securely aggregated training round, :meth:`SecureRound.run`:
    pseudo-gradient, as it would from the plain replies.
 
 If the protocol cannot complete (too few shares of a secret, no masked input, fewer than two
-clients, a malformed reply, an unmasked weight that differs from what the survivors reported),
+clients, an unmasked weight that differs from what the survivors reported),
 the round is **aborted**: logged, recorded (``secagg_aborted``, ``secagg_abort_reason``), the model
 unchanged; the run goes on with the next round.
 
@@ -83,6 +86,20 @@ class _Aborted(Exception):
     pass
 
 
+def _stage0_problem(reply: Message) -> str | None:
+    """Why a stage-0 (advertise_keys) reply without error is malformed, or None when it is not."""
+    if RECORD not in reply.content.config_records or "metrics" not in reply.content.metric_records:
+        return f"expected ConfigRecord {RECORD!r} and MetricRecord 'metrics'"
+    metrics = reply.content["metrics"]
+    users = metrics.get("num-examples")
+    if isinstance(users, bool) or not isinstance(users, int) or users < 0:
+        return f"metric 'num-examples' must be an int >= 0 (the client's users), got {users!r}"
+    loss = metrics.get("train-loss")
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        return f"metric 'train-loss' must be a number, got {loss!r}"
+    return None
+
+
 class SecureRound:
     """One securely aggregated training round over ``grid`` (see the module docstring)."""
 
@@ -101,6 +118,7 @@ class SecureRound:
         self._errors: list[str] = []
         self._answered: dict[str, int] = {}
         self._seconds: dict[str, float] = {}
+        self._malformed: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------------------ messaging
 
@@ -111,8 +129,21 @@ class SecureRound:
         short = reason if cut <= 0 else (f"{reason[:MAX_REASON // 3]} [... {cut} characters, all in the log ...] "
                                          f"{reason[-(MAX_REASON - MAX_REASON // 3):]}")
         self._errors.append(f"{stage}: {self._names[cid]}: {short}")
-        logger.warning("round %d: secure aggregation: %s dropped at %s: %s", self.server_round,
-                       self._names[cid], stage, reason)
+        node = self._node.get(cid)
+        who = self._names[cid] if self._names[cid] == f"node {node}" else f"{self._names[cid]} (node {node})"
+        logger.warning("round %d: secure aggregation: %s dropped at %s: %s", self.server_round, who, stage, reason)
+
+    def _malformed_reply(self, cid: int, stage: str, reason: str) -> None:
+        self._malformed.add((stage, cid))
+        self._drop(cid, stage, f"malformed reply: {reason}")
+
+    def _note_rejected(self, server: SecAggServer) -> None:
+        """Replies the protocol rejected (``SecAggServer.rejected``) are dropouts at their stage."""
+        for stage, reasons in server.rejected.items():
+            for cid, reason in sorted(reasons.items()):
+                if (stage, cid) not in self._malformed:
+                    self._malformed_reply(cid, stage, reason)
+                    self._answered[stage] -= 1
 
     def _send(self, stage: str, messages: list[Message]) -> dict[int, Message]:
         t0 = time.perf_counter()
@@ -141,12 +172,14 @@ class SecureRound:
                 masked = reply.content.array_records.get(MASKED_RECORD)
                 vector = masked["masked"].numpy() if masked is not None and "masked" in masked else None
                 if vector is None or vector.dtype != np.uint64 or vector.ndim != 1:
-                    self._drop(cid, stage, f"malformed reply: expected ArrayRecord {MASKED_RECORD!r} with a 1-D "
-                                           "uint64 'masked'")
+                    self._malformed_reply(cid, stage, f"expected ArrayRecord {MASKED_RECORD!r} with a 1-D uint64 "
+                                                      "'masked'")
                     continue
                 out[cid] = {"masked": vector.astype("<u8", copy=False).tobytes()}
+                if RECORD in reply.content.config_records:  # neighbours whose share ciphertexts it refused
+                    out[cid].update(dict(reply.content[RECORD]))
             elif RECORD not in reply.content.config_records:
-                self._drop(cid, stage, f"malformed reply: no ConfigRecord {RECORD!r}")
+                self._malformed_reply(cid, stage, f"no ConfigRecord {RECORD!r}")
             else:
                 out[cid] = dict(reply.content[RECORD])
         self._answered[stage] = len(out)
@@ -199,10 +232,12 @@ class SecureRound:
                     if receipt is not None:  # it trained and wrote its ledger entry: its name is known
                         self._names[cid] = receipt.client
                     self._drop(cid, "advertise_keys", f"error {reply.error.code}: {reason}")
-                elif RECORD not in reply.content.config_records or "metrics" not in reply.content.metric_records:
+                elif (problem := _stage0_problem(reply)) is not None:
+                    name = reply.content[RECORD].get("client") if RECORD in reply.content.config_records else None
+                    if isinstance(name, str) and name:  # the name it gave, for the log and the metrics
+                        self._names[cid] = name
                     self.receipts.take(reply, server_round=rnd, secure=True, outcome="failed")
-                    self._drop(cid, "advertise_keys", f"malformed reply: expected ConfigRecord {RECORD!r} and "
-                                                      "MetricRecord 'metrics'")
+                    self._malformed_reply(cid, "advertise_keys", problem)
                 else:
                     self.receipts.take(reply, server_round=rnd, secure=True, outcome="trained")
                     trained.append(reply)
@@ -215,13 +250,19 @@ class SecureRound:
                                f"{len(self._dropped['advertise_keys'])} dropped at advertise_keys")
 
             requests = server.share_keys(keys)
+            self._note_rejected(server)
             shared = self._exchange("share_keys", requests)
             requests = server.masked_input(shared)
+            self._note_rejected(server)
             masked = self._exchange("masked_input", requests)
             requests = server.unmask(masked)
+            self._note_rejected(server)
             unmasked = self._exchange("unmasking", requests)
             t0 = time.perf_counter()
-            total, summary = server.aggregate(unmasked)
+            try:
+                total, summary = server.aggregate(unmasked)
+            finally:  # rejected unmasking replies are dropouts, also when too few shares remain
+                self._note_rejected(server)
             delta, weight = decode_sum(layout, total, quantizer=quantizer)
             self._seconds["aggregate"] = time.perf_counter() - t0
             reported = sum(int(metrics[cid]["num-examples"]) for cid in summary.survivors)
@@ -258,6 +299,7 @@ class SecureRound:
     def _fill(self, record: dict[str, Any], t_start: float) -> None:
         record["secagg_clients"] = {stage: self._answered[stage] for stage in STAGES if stage in self._answered}
         record["secagg_dropped"] = {stage: sorted(self._names[c] for c in ids) for stage, ids in self._dropped.items()}
+        record["secagg_malformed"] = len(self._malformed)
         if self._errors:
             record["secagg_errors"] = list(self._errors)
         record["secagg_seconds"] = {**self._seconds, "total": time.perf_counter() - t_start}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -31,16 +32,20 @@ from privacy.secagg import (
 ROUND = 7
 
 
-def run_round(graph, vectors, *, drop_at=None, log=None, round_id=ROUND):
+def run_round(graph, vectors, *, drop_at=None, log=None, round_id=ROUND, corrupt=None, servers=None):
     """Drive one round. ``drop_at[u] = s``: client ``u`` does not answer stage ``s`` (0..3) or later.
 
-    A client that refuses (``SecAggAborted``) counts as dropped at that stage. Returns
-    ``(outcome, answered)``: the server's ``(total, summary)`` or the ``SecAggAborted`` it raised,
-    and the sets ``[U1, U2, U3, U4]`` of clients that answered each stage.
+    A client that refuses (``SecAggAborted``) counts as dropped at that stage. ``corrupt[(u, stage)]``
+    rewrites client ``u``'s reply at that stage (a stage name) before the server sees it; the server
+    is appended to ``servers``. Returns ``(outcome, answered)``: the server's ``(total, summary)`` or
+    the ``SecAggAborted`` it raised, and the sets ``[U1, U2, U3, U4]`` of clients that answered each
+    stage.
     """
-    drop_at = drop_at or {}
+    drop_at, corrupt = drop_at or {}, corrupt or {}
     length = len(next(iter(vectors.values())))
     server = SecAggServer(graph, round_id=round_id, vector_length=length)
+    if servers is not None:
+        servers.append(server)
     clients = {u: SecAggClient(u, round_id) for u in graph.clients}
     calls = {
         "advertise_keys": lambda u, req: clients[u].advertise_keys(req),
@@ -60,6 +65,8 @@ def run_round(graph, vectors, *, drop_at=None, log=None, round_id=ROUND):
                 replies[u] = calls[stage](u, request)
             except SecAggAborted:
                 continue
+            if (u, stage) in corrupt:
+                replies[u] = corrupt[(u, stage)](replies[u])
         answered.append(frozenset(replies))
         if log is not None:
             log.append((stage, replies))
@@ -123,6 +130,73 @@ def test_sum_is_exact_under_random_dropouts_or_the_round_aborts(data, n, length,
         if u3:
             assert outcome.client_id in short and outcome.available == short[outcome.client_id]
             assert outcome.needed == threshold > outcome.available
+
+
+# ------------------------------------------------------------------ malformed replies: dropouts
+
+def _short_by_one(key):
+    return lambda r: dict(r, **{key: r[key][:-1]})
+
+
+MALFORMED = [  # (stage, rewrite of client 2's reply, what the server says)
+    ("advertise_keys", lambda r: dict(r, c_pk=r["c_pk"][:31]), "field 'c_pk' must be 32 bytes, got 31 bytes"),
+    ("advertise_keys", lambda r: dict(r, s_pk=bytes(32)),
+     "field 's_pk' is not a usable X25519 public key"),  # a low-order point: every neighbour's agreement would fail
+    ("share_keys", lambda r: dict(r, receivers=r["receivers"][:-1], ciphertexts=r["ciphertexts"][:-1]),
+     r"receivers \[1, 3, 4\] differ from the alive neighbours it was sent \[1, 3, 4, 5\]"),
+    ("share_keys", lambda r: dict(r, ciphertexts=[c[:-1] for c in r["ciphertexts"]]),
+     "field 'ciphertexts' must be a list of 4 byte strings of 160 bytes each"),
+    ("masked_input", lambda r: dict(r, masked=r["masked"][:-8]), "field 'masked' must be 48 bytes, got 40 bytes"),
+    ("masked_input", lambda r: {}, r"field 'masked' is missing \(fields: \[\]\)"),
+    ("unmasking", lambda r: dict(r, seed_owners=r["seed_owners"][:-1], seed_shares=r["seed_shares"][:-1]),
+     r"seed_owners \[1, 3, 4\] differ from the request \[1, 3, 4, 5\]"),
+    ("unmasking", lambda r: dict(r, seed_shares=[b"\xff" * 66] + r["seed_shares"][1:]),
+     "the share for client 1 is outside the field"),
+]
+
+
+@pytest.mark.parametrize("stage,rewrite,reason", MALFORMED)
+def test_a_malformed_reply_is_a_dropout_at_its_stage_and_the_sum_stays_exact(stage, rewrite, reason):
+    # 5 clients, complete graph: degree 4, threshold 3; client 2's reply at `stage` is malformed
+    graph = choose_graph(range(1, 6))
+    vectors = random_vectors(range(1, 6), 6, 3, Quantizer(1.0, max_clients=5))
+    servers = []
+    (total, summary), answered = run_round(graph, vectors, corrupt={(2, stage): rewrite}, servers=servers)
+
+    (server,) = servers
+    assert list(server.rejected[stage]) == [2]
+    assert re.search(reason, server.rejected[stage][2]), server.rejected[stage][2]
+    assert server.rejected[stage][2].startswith(f"round {ROUND}, {stage} reply of client 2: ")
+    assert all(not reasons for s, reasons in server.rejected.items() if s != stage)
+    assert summary.dropped == {s: (2,) if s == stage else () for s in STAGES}
+    # a client rejected before its masked input is out of the sum (its neighbours' masks with it
+    # removed as for any dropout); one rejected at unmasking is in it (its shares are not needed)
+    in_sum = [1, 2, 3, 4, 5] if stage == "unmasking" else [1, 3, 4, 5]
+    assert summary.survivors == tuple(in_sum)
+    np.testing.assert_array_equal(total, plain_sum(vectors, in_sum))
+    if stage == "masked_input":  # it shared its keys: its mask key was rebuilt to cancel its pairwise masks
+        assert summary.keys_reconstructed == (2,)
+
+
+def test_malformed_replies_below_threshold_abort_explicitly_and_are_still_recorded():
+    graph = choose_graph(range(1, 6))  # threshold 3
+    vectors = random_vectors(range(1, 6), 6, 3, Quantizer(1.0, max_clients=5))
+    bad = lambda r: dict(r, seed_shares=[b"\xff" * 66] + r["seed_shares"][1:])  # noqa: E731
+    servers = []
+    outcome, _ = run_round(graph, vectors, corrupt={(u, "unmasking"): bad for u in (1, 2, 3)}, servers=servers)
+    assert isinstance(outcome, SecAggAborted) and outcome.available == 2 and outcome.needed == 3
+    assert "cannot reconstruct the self-mask seed of client 1: 2 share(s) available, 3 needed" in str(outcome)
+    assert sorted(servers[0].rejected["unmasking"]) == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="no result"):
+        servers[0].result()
+
+    # at share_keys: three of four neighbours rejected, client 1 refuses to mask (its secrets could
+    # never be rebuilt), nobody is left with a masked input
+    servers = []
+    outcome, answered = run_round(graph, vectors, corrupt={(u, "share_keys"): _short_by_one("receivers")
+                                                           for u in (2, 3, 4)}, servers=servers)
+    assert isinstance(outcome, SecAggAborted) and "no masked input was received" in str(outcome)
+    assert sorted(servers[0].rejected["share_keys"]) == [2, 3, 4]
 
 
 def test_no_dropouts_sum_dequantizes_to_the_float_sum():
@@ -467,39 +541,74 @@ def test_shamir_rejects_duplicate_or_bad_x():
 
 # -------------------------------------------------------------------------------------- AEAD
 
-def test_tampered_ciphertext_is_rejected():
+def test_a_tampered_ciphertext_is_refused_and_the_client_masks_without_its_sender(caplog):
     _, clients, vectors, stage2 = run_to_unmasking()
     request = stage2[1]
     blob = bytearray(request["ciphertexts"][0])
     blob[20] ^= 1
     tampered = dict(request, ciphertexts=[bytes(blob)] + request["ciphertexts"][1:])
-    with pytest.raises(SecAggError, match=r"client 1: the share ciphertext said to be from client 2 "
-                                          r"in round 7 fails authentication \(tampered, or routed"):
-        clients[1].masked_input(tampered, vectors[1])
-    assert clients[1].masked_input(request, vectors[1])["masked"]  # the genuine one still works
+    state = clients[1].to_state()
+    reply = clients[1].masked_input(tampered, vectors[1])
+    assert reply["refused"] == [2] and set(clients[1]._held) == {3, 4}
+    assert (r"client 1: the share ciphertext said to be from client 2 in round 7 fails authentication "
+            r"(tampered, or routed") in caplog.text
+    genuine = SecAggClient.from_state(state).masked_input(request, vectors[1])
+    assert "refused" not in genuine and genuine["masked"] != reply["masked"]  # masked with 2 as well
 
 
-def test_misrouted_ciphertexts_are_rejected():
+def test_misrouted_ciphertexts_are_refused():
     _, clients, vectors, stage2 = run_to_unmasking()
     from_2_to_1 = stage2[1]["ciphertexts"][stage2[1]["senders"].index(2)]
     # delivered to client 3 as if client 2 had addressed it to 3: different key (pair 2-3)
     to_3 = dict(stage2[3], ciphertexts=[from_2_to_1 if s == 2 else c
                                         for s, c in zip(stage2[3]["senders"], stage2[3]["ciphertexts"])])
-    with pytest.raises(SecAggError, match="client 3: the share ciphertext said to be from client 2"):
-        clients[3].masked_input(to_3, vectors[3])
+    assert clients[3].masked_input(to_3, vectors[3])["refused"] == [2]
     # reflected back to client 2 as if from client 1: same key (pair 1-2), direction bound in the AAD
     back = dict(stage2[2], ciphertexts=[from_2_to_1 if s == 1 else c
                                         for s, c in zip(stage2[2]["senders"], stage2[2]["ciphertexts"])])
-    with pytest.raises(SecAggError, match="client 2: the share ciphertext said to be from client 1"):
-        clients[2].masked_input(back, vectors[2])
+    assert clients[2].masked_input(back, vectors[2])["refused"] == [1]
 
 
-def test_ciphertexts_from_another_round_are_rejected():
+def test_ciphertexts_from_another_round_are_all_refused_and_the_client_cannot_go_on():
     _, clients, vectors, stage2 = run_to_unmasking()
     other = SecAggClient(1, ROUND + 1)
     other.__dict__.update({k: v for k, v in clients[1].__dict__.items() if k != "round_id"})
-    with pytest.raises(SecAggError, match="in round 8 fails authentication"):
+    with pytest.raises(SecAggAborted, match=r"only 0 of client 1's neighbours shared keys \(3 refused\), "
+                                            "threshold 2 needed"):
         other.masked_input(dict(stage2[1], round=ROUND + 1), vectors[1])
+
+
+@pytest.mark.parametrize("to", [[1], [1, 3, 4, 5]])
+def test_a_client_whose_ciphertexts_fail_is_left_out_and_the_sum_stays_exact(to):
+    # client 2's ciphertexts to `to` are garbage of the right size: the server cannot see it; its
+    # receivers refuse them, mask without client 2 and say so; client 2 is left out of the sum
+    graph = choose_graph(range(1, 6))  # complete, threshold 3
+    vectors = random_vectors(range(1, 6), 6, 3, Quantizer(1.0, max_clients=5))
+
+    def garbage(reply):
+        return dict(reply, ciphertexts=[bytes(len(c)) if v in to else c
+                                        for v, c in zip(reply["receivers"], reply["ciphertexts"])])
+
+    servers = []
+    (total, summary), _ = run_round(graph, vectors, corrupt={(2, "share_keys"): garbage}, servers=servers)
+    assert summary.survivors == (1, 3, 4, 5)
+    # its pairwise masks with the clients that did mask with it are removed with its rebuilt key
+    assert summary.keys_reconstructed == ((2,) if to == [1] else ())
+    assert summary.dropped == {"advertise_keys": (), "share_keys": (), "masked_input": (2,), "unmasking": ()}
+    np.testing.assert_array_equal(total, plain_sum(vectors, [1, 3, 4, 5]))
+    reason = servers[0].rejected["masked_input"][2]
+    assert reason == (f"round {ROUND}, masked_input: client(s) {to} refused the share ciphertext(s) of client 2 "
+                      "(authentication failed or shares outside the field); its masked input is left out")
+
+
+def test_a_refusal_of_a_client_that_sent_no_ciphertext_is_malformed():
+    graph = choose_graph(range(1, 6))
+    vectors = random_vectors(range(1, 6), 6, 3, Quantizer(1.0, max_clients=5))
+    servers = []
+    (total, summary), _ = run_round(graph, vectors, corrupt={(2, "masked_input"): lambda r: dict(r, refused=[9])},
+                                    servers=servers)
+    assert "it refused client(s) [9], which sent it no ciphertext" in servers[0].rejected["masked_input"][2]
+    np.testing.assert_array_equal(total, plain_sum(vectors, [1, 3, 4, 5]))
 
 
 # --------------------------------------------------------------------------------------- PRG

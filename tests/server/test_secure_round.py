@@ -6,20 +6,23 @@ ClientApp directly, so each check runs in about a second.
 * a client whose update is beyond the bound is dropped at stage 0 with an error naming it, the
   parameter, the value and the bound; the round completes with the others;
 * a round with one sampled client is aborted, recorded, the model kept, and the run goes on;
-* a client configured for secure aggregation refuses a plain train request.
+* a client configured for secure aggregation refuses a plain train request;
+* a malformed reply at any stage is that client's dropout at that stage (logged with its node id,
+  counted in the metrics), the round completing with the others; below the threshold it aborts.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -219,3 +222,101 @@ def test_a_long_error_reason_keeps_its_start_and_its_end_in_the_metrics():
     (error,) = rnd._errors
     assert error.startswith("masked_input: eu: Traceback x") and error.endswith("RuntimeError: what happened")
     assert "[... 4438 characters, all in the log ...]" in error and len(error) < MAX_REASON + 80
+
+
+# ------------------------------------------------------------------ malformed replies: dropouts
+
+def corrupting_app(cfg, corrupt):
+    """Our ClientApp, except that ``corrupt[(p, stage)](reply)`` rewrites partition ``p``'s reply at
+    that secure aggregation stage in place before the server sees it."""
+    inner = make_client_app(cfg)
+
+    def app(msg, context):
+        reply = inner(msg, context)
+        if "secagg" in msg.content.config_records:
+            rewrite = corrupt.get((int(context.node_config["partition-id"]), msg.content["secagg"]["stage"]))
+            if rewrite is not None:
+                rewrite(reply.content)
+        return reply
+
+    return app
+
+
+def _edit(record: str, **changes):
+    def rewrite(content):
+        fields = dict(content[record])
+        fields.update({k: change(fields[k]) for k, change in changes.items()})
+        content[record] = ConfigRecord(fields)
+    return rewrite
+
+
+def _short_masked(content):
+    masked = content["secagg-masked"]["masked"].numpy()
+    content["secagg-masked"] = ArrayRecord({"masked": Array(masked[:-1].copy())})
+
+
+def _bad_users(content):
+    content["metrics"] = MetricRecord({"num-examples": 46.5, "train-loss": 1.0})
+
+
+@pytest.mark.parametrize("stage,rewrite,reason", [
+    ("advertise_keys", _edit("secagg", c_pk=lambda v: v[:31]), "field 'c_pk' must be 32 bytes, got 31 bytes"),
+    ("advertise_keys", _bad_users, "metric 'num-examples' must be an int >= 0 (the client's users), got 46.5"),
+    ("share_keys", _edit("secagg", ciphertexts=lambda v: v[:-1]), "field 'ciphertexts' must be a list of 3 byte"),
+    ("masked_input", _short_masked, "field 'masked' must be "),
+    ("unmasking", _edit("secagg", seed_owners=lambda v: v[:-1], seed_shares=lambda v: v[:-1]),
+     "seed_owners [2, 3] differ from the request [2, 3, 4]"),
+])
+def test_a_malformed_reply_drops_that_client_and_the_round_completes(tmp_path, caplog, stage, rewrite, reason):
+    cfg = load_config(None, [*TINY, "federation.num_rounds=1", 'privacy.secure_aggregation="on"'])
+    sizes = dict(zip(load_federation(cfg)[2].names, load_federation(cfg)[2].sizes().tolist()))
+    with caplog.at_level(logging.WARNING, logger="server.secure_aggregation"):
+        rows, _, grid = run_loop(cfg, tmp_path, client_app=corrupting_app(cfg, {(0, stage): rewrite}))
+    (row,) = rows
+    bad = "dirichlet-0000"  # partition 0, 47 users; 4 clients: degree 3, threshold 2
+
+    assert row["aggregated"] is True and row["secagg_aborted"] is False
+    assert row["secagg_dropped"] == {s: [bad] if s == stage else [] for s in
+                                     ("advertise_keys", "share_keys", "masked_input", "unmasking")}
+    assert row["secagg_malformed"] == 1 and row["clients_failed"] == 1
+    (error,) = row["secagg_errors"]
+    assert error.startswith(f"{stage}: {bad}: malformed reply: ") and reason in error, error
+    # before its masked input it is out of the sum; at unmasking its update is in it (its shares are not needed)
+    in_sum = sorted(sizes) if stage == "unmasking" else sorted(set(sizes) - {bad})
+    assert row["secagg_in_sum"] == in_sum and row["clients_ok"] == len(in_sum)
+    assert row["users_trained"] == sum(sizes[name] for name in in_sum)
+    assert row["secagg_clients"][stage] == 3
+    logged = [r.getMessage() for r in caplog.records if "dropped at" in r.getMessage()]
+    assert logged == [f"round 1: secure aggregation: {bad} (node {grid.ids[0]}) dropped at {stage}: "
+                      f"malformed reply: {logged[0].split('malformed reply: ', 1)[1]}"]
+    assert reason in logged[0]
+
+
+def test_malformed_replies_below_the_threshold_abort_the_round_explicitly(tmp_path):
+    cfg = load_config(None, [*TINY, "federation.num_rounds=1", 'privacy.secure_aggregation="on"'])
+    short = _edit("secagg", seed_owners=lambda v: v[:-1], seed_shares=lambda v: v[:-1])
+    rows, ckpt, _ = run_loop(cfg, tmp_path, client_app=corrupting_app(cfg, {(0, "unmasking"): short,
+                                                                            (1, "unmasking"): short}))
+    (row,) = rows
+    assert row["secagg_aborted"] is True and row["aggregated"] is False and row["clients_ok"] == 0
+    assert "share(s) available, 2 needed" in row["secagg_abort_reason"]
+    assert row["secagg_dropped"]["unmasking"] == ["dirichlet-0000", "dirichlet-0001"]
+    assert row["secagg_malformed"] == 2
+    assert all("malformed reply: " in e for e in row["secagg_errors"])
+
+
+def test_a_client_whose_share_ciphertexts_fail_is_left_out_and_the_round_completes(tmp_path):
+    # partition 0's ciphertexts are garbage of the right size: the server cannot tell; each
+    # neighbour refuses them, masks without it and says so; partition 0 is dropped at masked_input
+    cfg = load_config(None, [*TINY, "federation.num_rounds=1", 'privacy.secure_aggregation="on"'])
+    sizes = dict(zip(load_federation(cfg)[2].names, load_federation(cfg)[2].sizes().tolist()))
+    garbage = _edit("secagg", ciphertexts=lambda v: [bytes(len(c)) for c in v])
+    rows, _, _ = run_loop(cfg, tmp_path, client_app=corrupting_app(cfg, {(0, "share_keys"): garbage}))
+    (row,) = rows
+    assert row["aggregated"] is True and row["secagg_aborted"] is False
+    assert row["secagg_dropped"]["masked_input"] == ["dirichlet-0000"] and row["secagg_malformed"] == 1
+    assert row["secagg_in_sum"] == ["dirichlet-0001", "dirichlet-0002", "dirichlet-0003"]
+    assert row["users_trained"] == sum(sizes.values()) - sizes["dirichlet-0000"]
+    (error,) = row["secagg_errors"]
+    assert error.startswith("masked_input: dirichlet-0000: malformed reply: ")
+    assert "refused the share ciphertext(s) of client" in error

@@ -5,6 +5,8 @@
 * a client that fails at the masked-input stage: the round completes with the survivors' exact
   aggregate and the metrics name the dropout; two that fail (below the threshold): the round is
   aborted explicitly, the model kept, and the next round runs;
+* malformed replies (garbage share ciphertexts in round 1, a truncated masked vector in round 2):
+  each costs only its sender, who is dropped; both rounds complete with the others' exact aggregate;
 * DP-SGD and secure aggregation together: ledgers written, metrics and the command line say what
   the server saw.
 """
@@ -162,6 +164,66 @@ def test_dropouts_at_masked_input_survivors_sum_then_an_abort_below_threshold(tm
     # round 3: the run went on, with everybody
     assert r3["aggregated"] is True and r3["secagg_aborted"] is False and r3["clients_ok"] == 5
     assert any(not torch.equal(weights[3][k], weights[2][k]) for k in weights[2])
+
+
+def malformed_client_app(cfg, corrupt: dict[tuple[int, int, str], str]):
+    """Our ClientApp, except that partition ``p``'s reply at ``stage`` of round ``r`` is made malformed
+    for ``(r, p, stage)`` in ``corrupt``: ``"garbage-ciphertexts"`` (right size, fails authentication:
+    only the receivers can tell) or ``"short-masked"`` (one value missing)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.clientapp import ClientApp
+
+    inner = make_client_app(cfg)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        return inner(msg, context)
+
+    @app.train("secagg")
+    def stage(msg, context):
+        request, pid = msg.content["secagg"], int(context.node_config["partition-id"])
+        reply = inner(msg, context)
+        how = corrupt.get((int(request["round"]), pid, request["stage"]))
+        if how == "garbage-ciphertexts":
+            fields = dict(reply.content["secagg"])
+            reply.content["secagg"] = ConfigRecord({**fields, "ciphertexts": [bytes(len(c))
+                                                                              for c in fields["ciphertexts"]]})
+        elif how == "short-masked":
+            masked = reply.content["secagg-masked"]["masked"].numpy()
+            reply.content["secagg-masked"] = ArrayRecord({"masked": Array(masked[:-1].copy())})
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return inner(msg, context)
+
+    return app
+
+
+def test_malformed_replies_cost_only_their_sender(tmp_path):
+    cfg = load_config(None, [*TINY, "federation.num_clients=5", "federation.num_rounds=2",
+                             'privacy.secure_aggregation="on"'])
+    names, sizes = load_federation(cfg)[2].names, load_federation(cfg)[2].sizes()
+    torch.manual_seed(cfg.federation.seed)
+    initial = SASRec(cfg.model_config(load_federation(cfg)[0].num_items)).shareable_state()
+    weights = {}
+    simulate(cfg, tmp_path, on_round=lambda record: weights.setdefault(record["round"], model_of(tmp_path)),
+             client_app=malformed_client_app(cfg, {(1, 1, "share_keys"): "garbage-ciphertexts",
+                                                   (2, 3, "masked_input"): "short-masked"}))
+    r1, r2 = rounds(tmp_path)
+    for row, bad in ((r1, 1), (r2, 3)):
+        assert row["aggregated"] is True and row["secagg_aborted"] is False, row.get("secagg_abort_reason")
+        assert row["secagg_dropped"]["masked_input"] == [names[bad]] and row["secagg_malformed"] == 1
+        assert row["clients_ok"] == 4 and row["clients_failed"] == 1
+        assert row["users_trained"] == int(sizes.sum() - sizes[bad])
+        (error,) = row["secagg_errors"]
+        assert error.startswith(f"masked_input: {names[bad]}: malformed reply: round {row['round']}, masked_input")
+    assert "refused the share ciphertext(s) of client" in r1["secagg_errors"][0]
+    assert "field 'masked' must be " in r2["secagg_errors"][0]
+    expected = fedavg_by_hand(cfg, initial, 1, [0, 2, 3, 4])  # the survivors' exact FedAvg
+    for name in expected:
+        assert torch.allclose(weights[1][name], expected[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_dp_sgd_with_secure_aggregation_writes_ledgers_and_says_what_the_server_saw(tmp_path, capsys):
