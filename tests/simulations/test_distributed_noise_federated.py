@@ -1,0 +1,82 @@
+"""Distributed noise in a real Flower simulation (Ray engine, real Opacus, real secure aggregation):
+a client that drops at the masked-input stage leaves fewer noise shares in the sum than the
+accounted noise needs, so the round is aborted with the model unchanged; a round with every client
+is aggregated; the ledgers record one step per round at the sum's noise multiplier, and the audit
+recomputes them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from client.client_app import make_client_app
+from core_model.config import load_config
+from privacy.audit import audit_run
+from simulations.runner import simulate
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.synthetic.num_users=160", "data.synthetic.num_items=40", "data.synthetic.num_merchants=4",
+        "data.synthetic.max_length=20", "model.d_model=16", "model.max_len=20", "train.precision=fp32",
+        "train.lr=1.0", "train.batch_size=16", "eval.sampled=false", "federation.partition=iid",
+        "federation.num_clients=4", "federation.num_rounds=3", "federation.lr_schedule=constant",
+        'privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.5", 'privacy.noise_placement="distributed"']
+
+
+def failing_at_masked_input(cfg, rnd: int, partition: int):
+    """Our ClientApp, except that ``partition`` raises at the masked-input stage of round ``rnd``."""
+    from flwr.clientapp import ClientApp
+
+    inner = make_client_app(cfg)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        return inner(msg, context)
+
+    @app.train("secagg")
+    def stage(msg, context):
+        request = msg.content["secagg"]
+        if (request["stage"] == "masked_input" and int(request["round"]) == rnd
+                and int(context.node_config["partition-id"]) == partition):
+            raise RuntimeError("injected failure at masked_input")
+        return inner(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return inner(msg, context)
+
+    return app
+
+
+def test_a_dropout_aborts_the_round_and_full_rounds_carry_one_accounted_step(tmp_path):
+    run = tmp_path / "run"
+    # the wrapped ClientApp is built before simulate() fills these in, so they are set here
+    cfg = load_config(None, TINY + [f'privacy.state_dir="{run / "clients"}"', "privacy.distributed_min_clients=4"])
+    models = {}
+
+    def on_round(record):
+        models[record["round"]] = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+    simulate(cfg, run, on_round=on_round, client_app=failing_at_masked_input(cfg, rnd=2, partition=1))
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["secagg_aborted"]) for r in rounds] == [(1, False), (2, True), (3, False)]
+    assert "only 3 clients' noise shares are in the sum, at least 4" in rounds[1]["secagg_abort_reason"]
+    assert rounds[1]["aggregated"] is False and rounds[0]["aggregated"] and rounds[2]["aggregated"]
+    assert all(torch.equal(models[1][k], models[2][k]) for k in models[1])  # aborted: unchanged
+    assert any(not torch.equal(models[2][k], models[3][k]) for k in models[2])
+    assert json.loads((run / "config.json").read_text())["privacy"]["distributed_min_clients"] == 4
+
+    report = audit_run(run)
+    assert report.ok
+    for c in report.clients:
+        spends = [e for e in c.entries if e.kind == "spend"]
+        # every client trained (and recorded) each round, the dropped one too: over-reporting is safe
+        assert [(e.round, e.steps, e.noise_multiplier) for e in spends] == [(1, 1, 1.5), (2, 1, 1.5), (3, 1, 1.5)]
+        assert all(e.epsilon_ok for e in spends)
+    ledger = next((run / "clients").glob("*/ledger.jsonl")).read_text().splitlines()[0]
+    assert "distributed DP-SGD" in json.loads(ledger)["mechanism"]
+    results = json.loads((run / "results.json").read_text())
+    assert "distributed noise" in results["server_saw"]
