@@ -897,6 +897,10 @@ def _federation(clients: list[ClientAudit], findings: list[Finding]) -> dict[str
                  f"epsilon, client {worst.client}, at the largest delta; the ledgers say {eps_ledger:.4g}) against "
                  "everyone who saw what the clients released: the server, the other clients and anyone with a "
                  "model.")
+    if any("distributed" in m for c in spent for m in c.summary.get("mechanisms", [])):
+        statement += (" Distributed noise: the clients' updates are not private on their own; this holds for "
+                      "parties that see only securely aggregated sums or models, provided the other clients added "
+                      "their noise shares and the party knows none of them (see the mechanism of each client).")
     if any(f.severity == ERROR for f in findings):
         statement += " This holds only for what the ledgers record: the audit found problems (below)."
     return {"epsilon": eps, "epsilon_ledger": eps_ledger, "delta": delta, "client": worst.client,
