@@ -46,6 +46,9 @@ class DataConfig:
     ``kind="synthetic"`` generates the built-in SYNTHETIC live-commerce log (no file needed);
     every other kind reads ``path``: a file (``interactions``, ``sasrec``, ``twitch``) or a folder
     (``ml-1m``, ``ml-100k``). Column names apply to ``kind="interactions"`` (empty = absent).
+    ``catalogue``: a deployment's public item catalogue (a text file, one raw item id per line,
+    line k = item index k); when set, the ServerApp takes the items from it instead of reading the
+    log, and every node indexes its own log by it (``client/node.py``, docs/deployment.md).
     """
 
     kind: str = "synthetic"
@@ -56,6 +59,7 @@ class DataConfig:
     event_col: str = ""
     group_col: str = ""
     min_length: int = 3
+    catalogue: str = ""
     synthetic: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -297,7 +297,10 @@ def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | N
     def main(grid: Grid, context: Context) -> None:
         cfg = config or config_from_run_config(context.run_config)
         catalogue, titles, expected = items, item_titles, num_clients
-        if catalogue is None:  # `flwr run`: the item catalogue is public; read it from the data source
+        if catalogue is None and cfg.data.catalogue:  # deployment: the public catalogue; the data stays on the nodes
+            from core_model.pipeline import read_catalogue
+            catalogue, expected = read_catalogue(cfg.data.catalogue), cfg.federation.min_train_clients
+        elif catalogue is None:  # `flwr run`: the item catalogue is public; read it from the data source
             from simulations.clients import load_federation
             log, _, partition = load_federation(cfg)
             catalogue, titles = log.items, log.item_features.get("title")
