@@ -1,0 +1,194 @@
+"""A real deployment on 127.0.0.1: SuperLink (TLS, node authentication, state database) and one
+SuperNode per region, each with its own data file, the public catalogue, its policy and ledger folder.
+
+Everything is started with the commands of ``server/deploy.py`` in a temporary FLWR_HOME on free
+ports, and every process tree is ended by PID in the fixture's teardown. Flower starts one
+ClientApp process per message, so a round costs several Python + torch start-ups per node; the
+timeouts are generous for a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from server import deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+DEMO = ["data.synthetic.num_users=150", "data.synthetic.num_items=40", "data.synthetic.num_regions=3",
+        "data.synthetic.min_length=4", "data.synthetic.max_length=12"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def end_tree(proc: subprocess.Popen) -> None:
+    """Terminate ``proc`` and its children (Flower's SuperExec and ClientApp processes); kill stragglers."""
+    try:
+        parent = psutil.Process(proc.pid)
+        tree = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    for p in alive:  # a SuperNode whose SuperLink is gone can hang in shutdown
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+class LocalDeployment:
+    """A SuperLink and SuperNodes on 127.0.0.1 under ``root`` (certs/, keys/, data/, nodes/, home/)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir()
+        self.env = deploy.flower_env(self.home, base={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        deploy.create_ca(root / "certs")
+        deploy.create_server_certificate(root / "certs", ca_dir=root / "certs", names=["localhost", "127.0.0.1"])
+        self.demo = deploy.write_demo_data(root / "data", overrides=DEMO)
+        deploy.write_federation(self.home, name="test", address=f"127.0.0.1:{self.port}",
+                                root_certificates=root / "certs" / "ca.crt")
+
+    def start(self, cmd: list[str], log: str) -> subprocess.Popen:
+        with (self.root / log).open("wb") as out:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> subprocess.Popen:
+        (self.root / "state").mkdir(exist_ok=True)
+        proc = self.start(deploy.superlink_command(deploy.SuperLinkSpec(
+            certs_dir=self.root / "certs", state_dir=self.root / "state", port=self.port)), "superlink.log")
+        wait_for_port(self.port, proc)
+        return proc
+
+    def register(self, names: list[str]) -> None:
+        """Make and register each node's key (in parallel: each `flwr` call is a Python start-up)."""
+        pending = []
+        for name in names:
+            _, public = deploy.create_node_key(self.root / "keys", name)
+            pending.append(subprocess.Popen(deploy.register_command(public_key=public, federation="test", name=name),
+                                            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        for proc in pending:
+            out, _ = proc.communicate(timeout=180)
+            assert proc.returncode == 0 and b"registered successfully" in out, out.decode()[-2000:]
+
+    def node_command(self, name: str, *, data: str, ca: bool = True) -> list[str]:
+        values = deploy.node_config(name=name, data_path=data, catalogue=self.demo["catalogue"],
+                                    privacy_policy=self.demo["policy"], state_dir=self.root / "nodes")
+        return deploy.supernode_command(deploy.SuperNodeSpec(
+            superlink=f"127.0.0.1:{self.port}", root_certificates=self.root / "certs" / "ca.crt" if ca else None,
+            private_key=self.root / "keys" / f"{name}.key", port=free_port(), node_config=values))
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            end_tree(proc)
+
+
+@pytest.fixture
+def deployment(tmp_path) -> Iterator[LocalDeployment]:
+    dep = LocalDeployment(tmp_path)
+    try:
+        yield dep
+    finally:
+        dep.close()
+    assert all(p.poll() is not None for p in dep.procs)
+
+
+def run_config(dep: LocalDeployment, rounds: int) -> dict:
+    return {"data.catalogue": dep.demo["catalogue"], "federation.num-rounds": rounds,
+            "federation.min-train-clients": 3, "federation.evaluate-every": rounds,
+            "federation.run-dir": str(dep.root / "run"), "model.d-model": 16, "model.max-len": 12,
+            "train.precision": "fp32", "eval.sampled": False,
+            "privacy.mode": "dp-sgd", "privacy.noise-multiplier": 1.0}
+
+
+def wait_for_rounds(path: Path, rounds: int, procs: list[subprocess.Popen], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if len(rows) >= rounds:
+                return rows
+        assert all(p.poll() is None for p in procs), "a SuperLink or SuperNode died during the run"
+        time.sleep(1)
+    raise TimeoutError(f"{path} has fewer than {rounds} rounds after {timeout} s")
+
+
+def test_tls_authenticated_deployment_trains_with_dp_and_secure_aggregation(deployment):
+    dep = deployment
+    t0 = time.monotonic()
+    link = dep.start_superlink()
+    names = sorted(dep.demo["nodes"])  # region-0, region-1, region-2
+    dep.register(names + ["no-ca"])
+    deploy.create_node_key(dep.root / "keys", "unregistered")
+    nodes = [dep.start(dep.node_command(n, data=dep.demo["nodes"][n]), f"{n}.log") for n in names]
+    any_data = dep.demo["nodes"][names[0]]
+    rogue = dep.start(dep.node_command("unregistered", data=any_data), "unregistered.log")
+    no_ca = dep.start(dep.node_command("no-ca", data=any_data, ca=False), "no-ca.log")
+
+    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=run_config(dep, 2)),
+                              env=dep.env, capture_output=True, text=True, timeout=180)
+    assert launched.returncode == 0 and "Successfully started run" in launched.stdout, launched.stdout + launched.stderr
+
+    # the two refused nodes: Flower logs the reason with its exit code and the process ends with 1
+    for proc, log, why in ((rogue, "unregistered.log", "Failed to activate SuperNode"),
+                           (no_ca, "no-ca.log", "CERTIFICATE_VERIFY_FAILED")):
+        assert proc.wait(timeout=180) != 0
+        text = (dep.root / log).read_text()
+        assert "Exit Code: 305" in text and why in text, text[-2000:]
+
+    rows = wait_for_rounds(dep.root / "run" / "metrics.jsonl", 2, [link, *nodes], timeout=600)
+    seconds = time.monotonic() - t0
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:  # only the three admitted nodes took part, all through secure aggregation with DP-SGD
+        assert (r["clients_sampled"], r["clients_ok"], r["clients_failed"]) == (3, 3, 0), r
+        assert r["secure_aggregation"] and not r["secagg_aborted"] and r["aggregated"]
+        assert sorted(r["secagg_in_sum"]) == names
+        assert r["dp_clients"] == 3 and r["dp_noise_multiplier_min"] == 1.0
+    assert rows[1]["dp_epsilon_max"] > rows[0]["dp_epsilon_max"] > 0
+    assert 0.0 <= rows[1]["test_ndcg@10"] <= 1.0
+    model = torch.load(dep.root / "run" / "model.pt", weights_only=False)
+    assert model["round"] == 2 and len(model["items"]["ids"]) == 40
+    for name in names:  # each node's ledger is in its own state folder, one spend per round
+        entries = [json.loads(line) for line in (dep.root / "nodes" / name / "ledger.jsonl").read_text().splitlines()]
+        assert [(e["kind"], e["round"], e["client"]) for e in entries] == [("spend", 1, name), ("spend", 2, name)]
+    print(f"deployment: 2 rounds in {seconds:.0f} s (start-up included); round seconds "
+          f"{[round(r['seconds'], 1) for r in rows]}")
