@@ -387,33 +387,53 @@ class Supervisor:
         return min(self.initial_backoff * 2 ** (failures - 1), self.max_backoff)
 
     def stop(self) -> None:
-        """End supervision: terminate the child (it is not restarted)."""
+        """End supervision: terminate the child's process group (it is not restarted)."""
         self._stop.set()
         proc = self.process
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            self._signal_group(proc, signal.SIGTERM)
             # a SuperNode whose SuperLink is gone can hang in shutdown: kill it after a grace period
-            threading.Timer(self.grace, lambda: proc.poll() is None and proc.kill()).start()
+            threading.Timer(self.grace, lambda: proc.poll() is None and self._signal_group(proc, signal.SIGKILL)).start()
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # the child leads its own session (start_new_session)
+        except ProcessLookupError:
+            pass
+
+    def _copy_output(self, proc: subprocess.Popen, sink: Any, found: list[int]) -> None:
+        for line in proc.stdout or ():
+            sink.write(line)
+            sink.flush()
+            match = FLOWER_EXIT.search(line.decode("utf-8", "replace"))
+            if match:
+                found.append(int(match.group(1)))
 
     def _run_once(self) -> int:
-        """Start the child, copy its output, wait; Flower's exit code when it logged one."""
+        """Start the child in its own process group, copy its output, wait for it, end what it left.
+
+        A SuperNode starts a SuperExec that outlives it (and keeps its output open); when the
+        SuperNode exits, the rest of its group is terminated before the next start.
+        """
         sink = self.log_path.open("ab") if self.log_path is not None else sys.stdout.buffer
-        flower_code: int | None = None
+        found: list[int] = []
         try:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT)
+            proc = self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)
             self.starts += 1
-            for line in self.process.stdout or ():
-                sink.write(line)
-                sink.flush()
-                found = FLOWER_EXIT.search(line.decode("utf-8", "replace"))
-                if found:
-                    flower_code = int(found.group(1))
-            status = self.process.wait()
+            reader = threading.Thread(target=self._copy_output, args=(proc, sink, found), daemon=True)
+            reader.start()
+            status = proc.wait()
+            self._signal_group(proc, signal.SIGTERM)
+            reader.join(timeout=self.grace)
+            if reader.is_alive():
+                self._signal_group(proc, signal.SIGKILL)
+                reader.join(timeout=self.grace)
         finally:
             if self.log_path is not None:
                 sink.close()
-        return flower_code if flower_code is not None and status != 0 else status
+        return found[-1] if found and status != 0 else status
 
     def run(self) -> int:
         """Supervise until stopped or given up; the last exit code (0 when stopped)."""

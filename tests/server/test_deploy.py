@@ -11,6 +11,7 @@ import threading
 import time
 import tomllib
 
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -231,3 +232,22 @@ def test_supervisor_max_restarts_and_stop(tmp_path):
     t0 = time.monotonic()
     assert sleeper.run() == 0 and sleeper.starts == 1
     assert time.monotonic() - t0 < 15
+
+
+def test_supervisor_ends_what_the_child_left_behind(tmp_path):
+    # like a SuperNode: the child starts a long-lived helper that keeps the output open, then fails
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import subprocess, sys\n"
+        "helper = subprocess.Popen([sys.executable, '-c', 'import time; print(\"helper\", flush=True); time.sleep(60)'])\n"
+        "open(sys.argv[1], 'w').write(str(helper.pid))\n"
+        "print('ERROR :     Exit Code: 305', flush=True)\n"
+        "sys.exit(1)\n")
+    sup = deploy.Supervisor([sys.executable, str(child), str(tmp_path / "helper.pid")], log_path=tmp_path / "log",
+                            initial_backoff=0.05, max_restarts=0)
+    sup.grace = 2.0
+    t0 = time.monotonic()
+    assert sup.run() == 305
+    assert time.monotonic() - t0 < 20
+    helper = int((tmp_path / "helper.pid").read_text())
+    assert not psutil.pid_exists(helper) or psutil.Process(helper).status() == psutil.STATUS_ZOMBIE

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,3 +193,77 @@ def test_tls_authenticated_deployment_trains_with_dp_and_secure_aggregation(depl
         assert [(e["kind"], e["round"], e["client"]) for e in entries] == [("spend", 1, name), ("spend", 2, name)]
     print(f"deployment: 2 rounds in {seconds:.0f} s (start-up included); round seconds "
           f"{[round(r['seconds'], 1) for r in rows]}")
+
+
+def node_status(dep: LocalDeployment) -> list[dict]:
+    """``flwr supernode ls``: one dict per node (``status``, ``online-at`` ...)."""
+    out = subprocess.run([deploy.flower_executable("flwr"), "supernode", "ls", "test", "--format", "json"],
+                         env=dep.env, capture_output=True, text=True, timeout=120).stdout
+    try:
+        return json.loads(out[out.index("{"):])["nodes"]
+    except (ValueError, KeyError):
+        return []
+
+
+def wait_online(dep: LocalDeployment, timeout: float, *, since: str = "") -> float:
+    """Seconds until the one node is online, activated at or after ``since`` ("YYYY-MM-DD HH:MM:SSZ")."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        nodes = node_status(dep)
+        if len(nodes) == 1 and nodes[0]["status"] == "online" and nodes[0]["online-at"] >= since:
+            return time.monotonic() - t0
+        time.sleep(2)
+    raise TimeoutError(f"the node is not online (since {since!r}) after {timeout} s: {node_status(dep)}")
+
+
+def supernodes_under(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(proc.pid).children(recursive=True)
+            if "flower-supernode" in " ".join(c.cmdline())]
+
+
+def test_supervised_node_comes_back_after_a_crash_and_a_superlink_restart(deployment):
+    """The supervisor restarts a SIGKILLed SuperNode (refused with 2004 / exit code 305 while the
+    SuperLink still holds the old session) and keeps it through a SuperLink restart; then it trains."""
+    dep = deployment
+    link = dep.start_superlink()
+    dep.register(["region-0"])
+    cmd = dep.node_command("region-0", data=dep.demo["nodes"]["region-0"])
+    node_args = cmd[cmd.index("--node-config") + 1]
+    cli = [sys.executable, "-m", "simulations.cli", "deploy", "supernode", "--supervise", "--backoff", "1",
+           "--max-backoff", "8", "--log", str(dep.root / "node.log"), "--superlink", f"127.0.0.1:{dep.port}",
+           "--ca", str(dep.root / "certs" / "ca.crt"), "--key", str(dep.root / "keys" / "region-0.key"),
+           "--port", str(free_port()), "--name", "region-0", "--data", dep.demo["nodes"]["region-0"],
+           "--catalogue", dep.demo["catalogue"], "--policy", dep.demo["policy"],
+           "--state-dir", str(dep.root / "nodes")]
+    assert 'name="region-0"' in node_args
+    supervisor = dep.start(cli, "supervisor.log")
+    wait_online(dep, timeout=180)
+
+    first = supernodes_under(supervisor)
+    assert len(first) == 1
+    killed_at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
+    first[0].kill()  # the node crashes
+    back_after_crash = wait_online(dep, timeout=300, since=killed_at)  # a new process was activated
+    second = supernodes_under(supervisor)
+    assert len(second) == 1 and second[0].pid != first[0].pid
+
+    end_tree(link)  # the SuperLink goes down and comes back on the same database and port
+    dep.procs.remove(link)
+    link = dep.start_superlink()
+    restarted = time.monotonic()
+
+    cfg = {**run_config(dep, 1), "federation.min-train-clients": 1, "privacy.mode": "none",
+           "privacy.noise-multiplier": 0.0}
+    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=cfg),
+                              env=dep.env, capture_output=True, text=True, timeout=180)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    rows = wait_for_rounds(dep.root / "run" / "metrics.jsonl", 1, [link, supervisor], timeout=400)
+    trained_after_restart = time.monotonic() - restarted
+    assert (rows[0]["clients_ok"], rows[0]["clients_failed"]) == (1, 0)
+    assert supervisor.poll() is None
+    log = (dep.root / "node.log").read_text()
+    assert log.count("Starting Flower SuperNode") >= 2
+    sup_log = (dep.root / "supervisor.log").read_text()
+    print(f"node online again {back_after_crash:.0f} s after SIGKILL; a round done {trained_after_restart:.0f} s "
+          f"after the SuperLink restart; Flower exit codes seen: {sorted(set(deploy.FLOWER_EXIT.findall(log)))}; "
+          f"restarts logged: {sup_log.count('restart')}")
