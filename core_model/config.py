@@ -101,7 +101,9 @@ class FederationConfig:
     Partitions (``simulations/partition.py``): ``attribute`` (one client per value of the user
     attribute ``partition_attribute``, e.g. ``region``, ``community``), ``group`` (a user's most
     frequent interaction group, e.g. merchant), ``iid``, ``dirichlet-size`` and ``dirichlet-label``
-    (``num_clients`` clients, concentration ``dirichlet_alpha``). ``client_cpus`` / ``client_gpus``
+    (``num_clients`` clients, concentration ``dirichlet_alpha``). In a deployment
+    (``data.catalogue`` set) ``num_clients`` is the number of nodes the server waits for before
+    round 1 (0: ``min_train_clients``). ``client_cpus`` / ``client_gpus``
     are the simulation engine's resources per client (``client_gpus=-1``: a quarter GPU when CUDA is
     present, none otherwise). ``run_dir`` is where the ServerApp keeps its run directory under
     ``flwr run`` (absolute: the ServerApp runs in the SuperLink's working directory; empty:

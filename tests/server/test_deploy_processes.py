@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
-DEMO = ["data.synthetic.num_users=150", "data.synthetic.num_items=40", "data.synthetic.num_regions=3",
-        "data.synthetic.min_length=4", "data.synthetic.max_length=12"]
+DEMO = ["data.synthetic.num_users=150", "data.synthetic.num_items=40", "data.synthetic.min_length=4",
+        "data.synthetic.max_length=12"]
 
 
 def free_port() -> int:
@@ -74,7 +74,7 @@ def end_tree(proc: subprocess.Popen) -> None:
 class LocalDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1 under ``root`` (certs/, keys/, data/, nodes/, home/)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, regions: int = 3) -> None:
         self.root = root
         self.home = root / "home"
         self.home.mkdir()
@@ -83,7 +83,7 @@ class LocalDeployment:
         self.procs: list[subprocess.Popen] = []
         deploy.create_ca(root / "certs")
         deploy.create_server_certificate(root / "certs", ca_dir=root / "certs", names=["localhost", "127.0.0.1"])
-        self.demo = deploy.write_demo_data(root / "data", overrides=DEMO)
+        self.demo = deploy.write_demo_data(root / "data", overrides=[*DEMO, f"data.synthetic.num_regions={regions}"])
         deploy.write_federation(self.home, name="test", address=f"127.0.0.1:{self.port}",
                                 root_certificates=root / "certs" / "ca.crt")
 
@@ -124,8 +124,8 @@ class LocalDeployment:
 
 
 @pytest.fixture
-def deployment(tmp_path) -> Iterator[LocalDeployment]:
-    dep = LocalDeployment(tmp_path)
+def deployment(tmp_path, request) -> Iterator[LocalDeployment]:
+    dep = LocalDeployment(tmp_path, regions=getattr(request, "param", 3))
     try:
         yield dep
     finally:
@@ -135,7 +135,7 @@ def deployment(tmp_path) -> Iterator[LocalDeployment]:
 
 def run_config(dep: LocalDeployment, rounds: int) -> dict:
     return {"data.catalogue": dep.demo["catalogue"], "federation.num-rounds": rounds,
-            "federation.min-train-clients": 3, "federation.evaluate-every": rounds,
+            "federation.num-clients": len(dep.demo["nodes"]), "federation.min-train-clients": 2, "federation.evaluate-every": rounds,
             "federation.run-dir": str(dep.root / "run"), "model.d-model": 16, "model.max-len": 12,
             "train.precision": "fp32", "eval.sampled": False,
             "privacy.mode": "dp-sgd", "privacy.noise-multiplier": 1.0}
@@ -252,7 +252,7 @@ def test_supervised_node_comes_back_after_a_crash_and_a_superlink_restart(deploy
     link = dep.start_superlink()
     restarted = time.monotonic()
 
-    cfg = {**run_config(dep, 1), "federation.min-train-clients": 1, "privacy.mode": "none",
+    cfg = {**run_config(dep, 1), "federation.num-clients": 1, "federation.min-train-clients": 1, "privacy.mode": "none",
            "privacy.noise-multiplier": 0.0}
     launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=cfg),
                               env=dep.env, capture_output=True, text=True, timeout=180)
@@ -267,3 +267,109 @@ def test_supervised_node_comes_back_after_a_crash_and_a_superlink_restart(deploy
     print(f"node online again {back_after_crash:.0f} s after SIGKILL; a round done {trained_after_restart:.0f} s "
           f"after the SuperLink restart; Flower exit codes seen: {sorted(set(deploy.FLOWER_EXIT.findall(log)))}; "
           f"restarts logged: {sup_log.count('restart')}")
+
+
+def shared_its_keys(log: str) -> bool:
+    """Whether a SuperNode's log shows its first secure-aggregation reply (the key shares) sent."""
+    at = log.find("Sending: train.secagg message")
+    return at >= 0 and "Sent successfully" in log[at:]
+
+
+@pytest.mark.parametrize("deployment", [4], indirect=True)
+def test_a_node_killed_mid_round_drops_out_and_the_round_completes(deployment):
+    """SIGKILL one of four SuperNodes (and its processes) once it has sent its key shares: the
+    SuperLink answers for the dead node, the server unmasks the sum without it from the others'
+    shares of its secrets (dropout recovery), and the metrics say which client dropped where. (Four, not three: with three clients every SecAgg+ neighbourhood is
+    2 clients with threshold 2, so no drop can be survived; with four it is 3 with threshold 2.)"""
+    dep = deployment
+    link = dep.start_superlink()
+    names = sorted(dep.demo["nodes"])
+    dep.register(names)
+    nodes = {n: dep.start(dep.node_command(n, data=dep.demo["nodes"][n]), f"{n}.log") for n in names}
+    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=run_config(dep, 2)),
+                              env=dep.env, capture_output=True, text=True, timeout=180)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+
+    victim = names[-1]
+    ledger, log = dep.root / "nodes" / victim / "ledger.jsonl", dep.root / f"{victim}.log"
+    deadline = time.monotonic() + 400
+    while not shared_its_keys(log.read_text()):  # trained, advertised its keys and sent its key shares
+        assert time.monotonic() < deadline, "the victim never reached the masked-input stage"
+        time.sleep(0.1)
+    proc = nodes.pop(victim)
+    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in tree:  # the host dies: SIGKILL to the SuperNode and everything it started
+        p.kill()
+    killed = time.monotonic()
+
+    rows = wait_for_rounds(dep.root / "run" / "metrics.jsonl", 2, [link, *nodes.values()], timeout=600)
+    first, second = rows
+    assert first["clients_sampled"] == 4 and first["clients_failed"] == 1 and not first["secagg_aborted"]
+    assert first["aggregated"] and victim not in first["secagg_in_sum"] and len(first["secagg_in_sum"]) == 3
+    dropped = {stage: names for stage, names in first["secagg_dropped"].items() if names}
+    # its pairwise masks are in the others' masked inputs: the sum is unmasked from their shares of its secrets
+    assert dropped in ({"masked_input": [victim]}, {"unmasking": [victim]}), dropped
+    assert (second["clients_sampled"], second["clients_ok"], second["clients_failed"]) == (3, 3, 0)
+    assert victim not in second["secagg_in_sum"]
+    assert torch.load(dep.root / "run" / "model.pt", weights_only=False)["round"] == 2
+    spent = [json.loads(line)["round"] for line in ledger.read_text().splitlines()]
+    assert spent == [1]  # the victim spent in round 1 (before it died) and never again
+    print(f"round 1 finished {first['seconds']:.0f} s after it began ({time.monotonic() - killed:.0f} s from the "
+          f"kill to the end of round 2); dropped at {first['secagg_dropped']}")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and everything it started (a host or process crash, no clean-up)."""
+    parent = psutil.Process(proc.pid)
+    tree = parent.children(recursive=True) + [parent]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+
+
+def test_a_run_resumes_from_its_checkpoint_after_the_superlink_dies(deployment):
+    """SIGKILL the SuperLink (and with it the run's ServerApp) after round 1; restart it on the same
+    database and port; launching the run again with the same run directory resumes after the last
+    checkpointed round: every round once in metrics.jsonl, the nodes' ledgers keep every spend."""
+    dep = deployment
+    link = dep.start_superlink()
+    names = sorted(dep.demo["nodes"])
+    dep.register(names)
+    nodes = [dep.start(dep.node_command(n, data=dep.demo["nodes"][n]), f"{n}.log") for n in names]
+    # DP-SGD with plain updates: 2 messages per node and round instead of 5 keeps the test short
+    cfg = {**run_config(dep, 3), "privacy.secure-aggregation": "off"}
+    metrics = dep.root / "run" / "metrics.jsonl"
+
+    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=cfg),
+                              env=dep.env, capture_output=True, text=True, timeout=180)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    wait_for_rounds(metrics, 1, [link, *nodes], timeout=400)
+    kill_tree(link)  # the server host crashes mid-run
+    dep.procs.remove(link)
+    before = metrics.read_text().splitlines()
+    checkpointed = torch.load(dep.root / "run" / "checkpoint.pt", weights_only=True)["round"]
+    assert checkpointed == len(before) < 3
+
+    link = dep.start_superlink()
+    relaunched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=cfg),
+                                env=dep.env, capture_output=True, text=True, timeout=180)
+    assert relaunched.returncode == 0, relaunched.stdout + relaunched.stderr
+    rows = wait_for_rounds(metrics, 3, [link, *nodes], timeout=600)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert metrics.read_text().splitlines()[:len(before)] == before  # the rounds done before are untouched
+    assert all((r["clients_ok"], r["clients_failed"]) == (3, 0) for r in rows[len(before):])
+    assert torch.load(dep.root / "run" / "model.pt", weights_only=False)["round"] == 3
+    for name in names:
+        entries = [json.loads(line) for line in (dep.root / "nodes" / name / "ledger.jsonl").read_text().splitlines()]
+        assert {e["kind"] for e in entries} == {"spend"}
+        runs = list(dict.fromkeys(e["run"] for e in entries))
+        assert len(runs) == 2  # the killed run and the resumed one
+        first_run = [e["round"] for e in entries if e["run"] == runs[0]]
+        second_run = [e["round"] for e in entries if e["run"] == runs[1]]
+        # the resumed run starts after the checkpoint; a round the killed run had begun was spent there too
+        assert second_run == list(range(checkpointed + 1, 4))
+        assert first_run[:checkpointed] == list(range(1, checkpointed + 1))
+    print(f"killed after round {checkpointed}; resumed run trained rounds {checkpointed + 1}-3")
