@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -393,7 +394,10 @@ class Supervisor:
         if proc is not None and proc.poll() is None:
             self._signal_group(proc, signal.SIGTERM)
             # a SuperNode whose SuperLink is gone can hang in shutdown: kill it after a grace period
-            threading.Timer(self.grace, lambda: proc.poll() is None and self._signal_group(proc, signal.SIGKILL)).start()
+            def kill() -> None:
+                if proc.poll() is None:
+                    self._signal_group(proc, signal.SIGKILL)
+            threading.Timer(self.grace, kill).start()
 
     @staticmethod
     def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -466,7 +470,8 @@ class Supervisor:
 
 
 def write_demo_data(out_dir: str | Path, *, overrides: Sequence[str] = (), max_epsilon: float = 50.0) -> dict[str, Any]:
-    """A synthetic log split into one CSV per region (``<region>.csv``, e.g. ``region-0.csv``), ``catalogue.txt`` and ``policy.toml``.
+    """A synthetic log split into one CSV per region (``<region>.csv``, e.g. ``region-0.csv``),
+    ``catalogue.txt`` and ``policy.toml``.
 
     Each file is what one node would hold: its users' interactions (``user,item`` rows, each
     user's oldest first). Returns ``{"catalogue": path, "policy": path, "nodes": {name: path}}``.
@@ -498,6 +503,135 @@ def write_demo_data(out_dir: str | Path, *, overrides: Sequence[str] = (), max_e
     policy = out / "policy.toml"
     policy.write_text(f"[policy]\nmax_epsilon = {float(max_epsilon)!r}\n", encoding="utf-8")
     return {"catalogue": str((out / "catalogue.txt").resolve()), "policy": str(policy.resolve()), "nodes": nodes}
+
+
+# -- one host ------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, *, host: str = "127.0.0.1", timeout: float = 120.0) -> None:
+    """Wait until something listens on ``host:port``; an error if ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {host}:{port}")
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def end_tree(proc: subprocess.Popen, *, grace: float = 5.0) -> None:
+    """Terminate ``proc`` and every process it started (a SuperLink's SuperExec and ServerApp, a
+    SuperNode's SuperExec and ClientApps); kill what is left after ``grace`` seconds."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        tree = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:  # a SuperNode whose SuperLink is gone can hang in shutdown
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    proc.poll()
+
+
+class LocalFederation:
+    """A whole deployment on 127.0.0.1 under one folder, for trying things, tests and benchmarks.
+
+    ``root`` gets ``certs/`` (CA and SuperLink certificate), ``data/`` (:func:`write_demo_data`: one
+    file per region), ``keys/``, ``nodes/`` (the nodes' ledgers), ``state/`` (``superlink.db``),
+    ``home/`` (``FLWR_HOME`` with the federation ``local``) and one log per process. Every process
+    is started on a free port and ended by :meth:`close`.
+    """
+
+    FEDERATION = "local"
+
+    def __init__(self, root: str | Path, *, regions: int = 3, demo_overrides: Sequence[str] = (),
+                 env_base: Mapping[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self.home = self.root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(self.home, base=env_base)
+        self.port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        certs = self.root / "certs"
+        create_ca(certs)
+        create_server_certificate(certs, ca_dir=certs, names=["localhost", "127.0.0.1"])
+        self.demo = write_demo_data(self.root / "data",
+                                    overrides=[*demo_overrides, f"data.synthetic.num_regions={regions}"])
+        write_federation(self.home, name=self.FEDERATION, address=self.address, root_certificates=certs / CA_CERT)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, cmd: list[str], log: str) -> subprocess.Popen:
+        """Start ``cmd`` with the federation's environment, its output in ``root/<log>``."""
+        with (self.root / log).open("wb") as out:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> subprocess.Popen:
+        """Start the SuperLink (TLS, node auth, ``state/superlink.db``) and wait until it listens."""
+        (self.root / "state").mkdir(exist_ok=True)
+        proc = self.start(superlink_command(SuperLinkSpec(certs_dir=self.root / "certs", state_dir=self.root / "state",
+                                                          port=self.port)), "superlink.log")
+        wait_for_port(self.port, proc)
+        return proc
+
+    def register(self, names: Sequence[str]) -> None:
+        """Make each node's key pair and register it (in parallel: each ``flwr`` call is a Python start-up)."""
+        pending = []
+        for name in names:
+            _, public = create_node_key(self.root / "keys", name)
+            pending.append(subprocess.Popen(register_command(public_key=public, federation=self.FEDERATION,
+                                                             name=name),
+                                            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        for name, proc in zip(names, pending):
+            out, _ = proc.communicate(timeout=180)
+            if proc.returncode != 0 or b"registered successfully" not in out:
+                raise RuntimeError(f"registering {name} failed: {out.decode(errors='replace')[-2000:]}")
+
+    def node_command(self, name: str, *, data: str, ca: bool = True) -> list[str]:
+        """The SuperNode command of node ``name`` holding ``data`` (``ca=False``: without the CA)."""
+        values = node_config(name=name, data_path=data, catalogue=self.demo["catalogue"],
+                             privacy_policy=self.demo["policy"], state_dir=self.root / "nodes")
+        return supernode_command(SuperNodeSpec(
+            superlink=self.address, root_certificates=self.root / "certs" / CA_CERT if ca else None,
+            private_key=self.root / "keys" / f"{name}.key", port=free_port(), node_config=values))
+
+    def start_node(self, name: str) -> subprocess.Popen:
+        """Start the SuperNode of demo region ``name`` (its log: ``root/<name>.log``)."""
+        return self.start(self.node_command(name, data=self.demo["nodes"][name]), f"{name}.log")
+
+    def launch(self, app_dir: str | Path, run_config: Mapping[str, Any]) -> subprocess.CompletedProcess:
+        """``flwr run`` the app in ``app_dir`` on this federation (returns once the run is submitted)."""
+        return subprocess.run(run_command(app_dir=app_dir, federation=self.FEDERATION, run_config=run_config),
+                              env=self.env, capture_output=True, text=True, timeout=180, check=False)
+
+    def close(self) -> None:
+        """End every process this federation started, newest first."""
+        for proc in reversed(self.procs):
+            end_tree(proc)
 
 
 # -- command line ------------------------------------------------------------------------------

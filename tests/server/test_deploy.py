@@ -239,7 +239,8 @@ def test_supervisor_ends_what_the_child_left_behind(tmp_path):
     child = tmp_path / "child.py"
     child.write_text(
         "import subprocess, sys\n"
-        "helper = subprocess.Popen([sys.executable, '-c', 'import time; print(\"helper\", flush=True); time.sleep(60)'])\n"
+        "helper = subprocess.Popen([sys.executable, '-c',\n"
+        "                           'import time; print(\"helper\", flush=True); time.sleep(60)'])\n"
         "open(sys.argv[1], 'w').write(str(helper.pid))\n"
         "print('ERROR :     Exit Code: 305', flush=True)\n"
         "sys.exit(1)\n")

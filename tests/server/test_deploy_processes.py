@@ -1,8 +1,8 @@
 """A real deployment on 127.0.0.1: SuperLink (TLS, node authentication, state database) and one
 SuperNode per region, each with its own data file, the public catalogue, its policy and ledger folder.
 
-Everything is started with the commands of ``server/deploy.py`` in a temporary FLWR_HOME on free
-ports, and every process tree is ended by PID in the fixture's teardown. Flower starts one
+Everything is started by ``server/deploy.py``'s ``LocalFederation`` (its commands, a temporary
+FLWR_HOME, free ports), and every process tree is ended by PID in the fixture's teardown. Flower starts one
 ClientApp process per message, so a round costs several Python + torch start-ups per node; the
 timeouts are generous for a loaded 2-core machine.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,100 +31,10 @@ DEMO = ["data.synthetic.num_users=150", "data.synthetic.num_items=40", "data.syn
         "data.synthetic.max_length=12"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-def end_tree(proc: subprocess.Popen) -> None:
-    """Terminate ``proc`` and its children (Flower's SuperExec and ClientApp processes); kill stragglers."""
-    try:
-        parent = psutil.Process(proc.pid)
-        tree = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=5)
-    for p in alive:  # a SuperNode whose SuperLink is gone can hang in shutdown
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
-class LocalDeployment:
-    """A SuperLink and SuperNodes on 127.0.0.1 under ``root`` (certs/, keys/, data/, nodes/, home/)."""
-
-    def __init__(self, root: Path, *, regions: int = 3) -> None:
-        self.root = root
-        self.home = root / "home"
-        self.home.mkdir()
-        self.env = deploy.flower_env(self.home, base={**os.environ, "PYTHONPATH": str(ROOT)})
-        self.port = free_port()
-        self.procs: list[subprocess.Popen] = []
-        deploy.create_ca(root / "certs")
-        deploy.create_server_certificate(root / "certs", ca_dir=root / "certs", names=["localhost", "127.0.0.1"])
-        self.demo = deploy.write_demo_data(root / "data", overrides=[*DEMO, f"data.synthetic.num_regions={regions}"])
-        deploy.write_federation(self.home, name="test", address=f"127.0.0.1:{self.port}",
-                                root_certificates=root / "certs" / "ca.crt")
-
-    def start(self, cmd: list[str], log: str) -> subprocess.Popen:
-        with (self.root / log).open("wb") as out:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
-        self.procs.append(proc)
-        return proc
-
-    def start_superlink(self) -> subprocess.Popen:
-        (self.root / "state").mkdir(exist_ok=True)
-        proc = self.start(deploy.superlink_command(deploy.SuperLinkSpec(
-            certs_dir=self.root / "certs", state_dir=self.root / "state", port=self.port)), "superlink.log")
-        wait_for_port(self.port, proc)
-        return proc
-
-    def register(self, names: list[str]) -> None:
-        """Make and register each node's key (in parallel: each `flwr` call is a Python start-up)."""
-        pending = []
-        for name in names:
-            _, public = deploy.create_node_key(self.root / "keys", name)
-            pending.append(subprocess.Popen(deploy.register_command(public_key=public, federation="test", name=name),
-                                            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        for proc in pending:
-            out, _ = proc.communicate(timeout=180)
-            assert proc.returncode == 0 and b"registered successfully" in out, out.decode()[-2000:]
-
-    def node_command(self, name: str, *, data: str, ca: bool = True) -> list[str]:
-        values = deploy.node_config(name=name, data_path=data, catalogue=self.demo["catalogue"],
-                                    privacy_policy=self.demo["policy"], state_dir=self.root / "nodes")
-        return deploy.supernode_command(deploy.SuperNodeSpec(
-            superlink=f"127.0.0.1:{self.port}", root_certificates=self.root / "certs" / "ca.crt" if ca else None,
-            private_key=self.root / "keys" / f"{name}.key", port=free_port(), node_config=values))
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            end_tree(proc)
-
-
 @pytest.fixture
-def deployment(tmp_path, request) -> Iterator[LocalDeployment]:
-    dep = LocalDeployment(tmp_path, regions=getattr(request, "param", 3))
+def deployment(tmp_path, request) -> Iterator[deploy.LocalFederation]:
+    dep = deploy.LocalFederation(tmp_path, regions=getattr(request, "param", 3), demo_overrides=DEMO,
+                                 env_base={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         yield dep
     finally:
@@ -133,9 +42,10 @@ def deployment(tmp_path, request) -> Iterator[LocalDeployment]:
     assert all(p.poll() is not None for p in dep.procs)
 
 
-def run_config(dep: LocalDeployment, rounds: int) -> dict:
+def run_config(dep: deploy.LocalFederation, rounds: int) -> dict:
     return {"data.catalogue": dep.demo["catalogue"], "federation.num-rounds": rounds,
-            "federation.num-clients": len(dep.demo["nodes"]), "federation.min-train-clients": 2, "federation.evaluate-every": rounds,
+            "federation.num-clients": len(dep.demo["nodes"]), "federation.min-train-clients": 2,
+            "federation.evaluate-every": rounds,
             "federation.run-dir": str(dep.root / "run"), "model.d-model": 16, "model.max-len": 12,
             "train.precision": "fp32", "eval.sampled": False,
             "privacy.mode": "dp-sgd", "privacy.noise-multiplier": 1.0}
@@ -160,13 +70,12 @@ def test_tls_authenticated_deployment_trains_with_dp_and_secure_aggregation(depl
     names = sorted(dep.demo["nodes"])  # region-0, region-1, region-2
     dep.register(names + ["no-ca"])
     deploy.create_node_key(dep.root / "keys", "unregistered")
-    nodes = [dep.start(dep.node_command(n, data=dep.demo["nodes"][n]), f"{n}.log") for n in names]
+    nodes = [dep.start_node(n) for n in names]
     any_data = dep.demo["nodes"][names[0]]
     rogue = dep.start(dep.node_command("unregistered", data=any_data), "unregistered.log")
     no_ca = dep.start(dep.node_command("no-ca", data=any_data, ca=False), "no-ca.log")
 
-    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=run_config(dep, 2)),
-                              env=dep.env, capture_output=True, text=True, timeout=180)
+    launched = dep.launch(ROOT, run_config(dep, 2))
     assert launched.returncode == 0 and "Successfully started run" in launched.stdout, launched.stdout + launched.stderr
 
     # the two refused nodes: Flower logs the reason with its exit code and the process ends with 1
@@ -195,9 +104,9 @@ def test_tls_authenticated_deployment_trains_with_dp_and_secure_aggregation(depl
           f"{[round(r['seconds'], 1) for r in rows]}")
 
 
-def node_status(dep: LocalDeployment) -> list[dict]:
+def node_status(dep: deploy.LocalFederation) -> list[dict]:
     """``flwr supernode ls``: one dict per node (``status``, ``online-at`` ...)."""
-    out = subprocess.run([deploy.flower_executable("flwr"), "supernode", "ls", "test", "--format", "json"],
+    out = subprocess.run([deploy.flower_executable("flwr"), "supernode", "ls", dep.FEDERATION, "--format", "json"],
                          env=dep.env, capture_output=True, text=True, timeout=120).stdout
     try:
         return json.loads(out[out.index("{"):])["nodes"]
@@ -205,7 +114,7 @@ def node_status(dep: LocalDeployment) -> list[dict]:
         return []
 
 
-def wait_online(dep: LocalDeployment, timeout: float, *, since: str = "") -> float:
+def wait_online(dep: deploy.LocalFederation, timeout: float, *, since: str = "") -> float:
     """Seconds until the one node is online, activated at or after ``since`` ("YYYY-MM-DD HH:MM:SSZ")."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -232,7 +141,7 @@ def test_supervised_node_comes_back_after_a_crash_and_a_superlink_restart(deploy
     cli = [sys.executable, "-m", "simulations.cli", "deploy", "supernode", "--supervise", "--backoff", "1",
            "--max-backoff", "8", "--log", str(dep.root / "node.log"), "--superlink", f"127.0.0.1:{dep.port}",
            "--ca", str(dep.root / "certs" / "ca.crt"), "--key", str(dep.root / "keys" / "region-0.key"),
-           "--port", str(free_port()), "--name", "region-0", "--data", dep.demo["nodes"]["region-0"],
+           "--port", str(deploy.free_port()), "--name", "region-0", "--data", dep.demo["nodes"]["region-0"],
            "--catalogue", dep.demo["catalogue"], "--policy", dep.demo["policy"],
            "--state-dir", str(dep.root / "nodes")]
     assert 'name="region-0"' in node_args
@@ -247,15 +156,14 @@ def test_supervised_node_comes_back_after_a_crash_and_a_superlink_restart(deploy
     second = supernodes_under(supervisor)
     assert len(second) == 1 and second[0].pid != first[0].pid
 
-    end_tree(link)  # the SuperLink goes down and comes back on the same database and port
+    deploy.end_tree(link)  # the SuperLink goes down and comes back on the same database and port
     dep.procs.remove(link)
     link = dep.start_superlink()
     restarted = time.monotonic()
 
     cfg = {**run_config(dep, 1), "federation.num-clients": 1, "federation.min-train-clients": 1, "privacy.mode": "none",
            "privacy.noise-multiplier": 0.0}
-    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=cfg),
-                              env=dep.env, capture_output=True, text=True, timeout=180)
+    launched = dep.launch(ROOT, cfg)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     rows = wait_for_rounds(dep.root / "run" / "metrics.jsonl", 1, [link, supervisor], timeout=400)
     trained_after_restart = time.monotonic() - restarted
@@ -279,15 +187,15 @@ def shared_its_keys(log: str) -> bool:
 def test_a_node_killed_mid_round_drops_out_and_the_round_completes(deployment):
     """SIGKILL one of four SuperNodes (and its processes) once it has sent its key shares: the
     SuperLink answers for the dead node, the server unmasks the sum without it from the others'
-    shares of its secrets (dropout recovery), and the metrics say which client dropped where. (Four, not three: with three clients every SecAgg+ neighbourhood is
-    2 clients with threshold 2, so no drop can be survived; with four it is 3 with threshold 2.)"""
+    shares of its secrets (dropout recovery), and the metrics say which client dropped where.
+    (Four, not three: with three clients every SecAgg+ neighbourhood is 2 clients with threshold
+    2, so no drop can be survived; with four it is 3 with threshold 2.)"""
     dep = deployment
     link = dep.start_superlink()
     names = sorted(dep.demo["nodes"])
     dep.register(names)
-    nodes = {n: dep.start(dep.node_command(n, data=dep.demo["nodes"][n]), f"{n}.log") for n in names}
-    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=run_config(dep, 2)),
-                              env=dep.env, capture_output=True, text=True, timeout=180)
+    nodes = {n: dep.start_node(n) for n in names}
+    launched = dep.launch(ROOT, run_config(dep, 2))
     assert launched.returncode == 0, launched.stdout + launched.stderr
 
     victim = names[-1]
@@ -338,13 +246,12 @@ def test_a_run_resumes_from_its_checkpoint_after_the_superlink_dies(deployment):
     link = dep.start_superlink()
     names = sorted(dep.demo["nodes"])
     dep.register(names)
-    nodes = [dep.start(dep.node_command(n, data=dep.demo["nodes"][n]), f"{n}.log") for n in names]
+    nodes = [dep.start_node(n) for n in names]
     # DP-SGD with plain updates: 2 messages per node and round instead of 5 keeps the test short
     cfg = {**run_config(dep, 3), "privacy.secure-aggregation": "off"}
     metrics = dep.root / "run" / "metrics.jsonl"
 
-    launched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=cfg),
-                              env=dep.env, capture_output=True, text=True, timeout=180)
+    launched = dep.launch(ROOT, cfg)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     wait_for_rounds(metrics, 1, [link, *nodes], timeout=400)
     kill_tree(link)  # the server host crashes mid-run
@@ -354,8 +261,7 @@ def test_a_run_resumes_from_its_checkpoint_after_the_superlink_dies(deployment):
     assert checkpointed == len(before) < 3
 
     link = dep.start_superlink()
-    relaunched = subprocess.run(deploy.run_command(app_dir=ROOT, federation="test", run_config=cfg),
-                                env=dep.env, capture_output=True, text=True, timeout=180)
+    relaunched = dep.launch(ROOT, cfg)
     assert relaunched.returncode == 0, relaunched.stdout + relaunched.stderr
     rows = wait_for_rounds(metrics, 3, [link, *nodes], timeout=600)
     assert [r["round"] for r in rows] == [1, 2, 3]
