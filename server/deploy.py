@@ -17,10 +17,13 @@ Keys and certificates are made with the ``cryptography`` package (no ``openssl``
 Every Flower process is started from the executables next to this Python (``sys.executable``), so a
 virtual environment's Flower is the one that runs.
 
-A SuperNode exits when it cannot reach its SuperLink: Flower 1.41 nodes exit with code 305
-(``SUPERNODE_CONNECTION_ERROR``, API error 2004 "could not be activated") for up to a minute after a
-SuperLink restart. :class:`Supervisor` restarts such a process with exponential backoff and gives
-up only on exit codes that mean a configuration error (:data:`PERMANENT_EXIT_CODES`).
+A SuperNode stops when the SuperLink refuses it: a Flower 1.41 node restarted while the SuperLink
+still holds its old session (up to about a minute; 65 s in the tests) logs ``Exit Code: 305``
+(``SUPERNODE_CONNECTION_ERROR``, API error 2004 "Failed to activate SuperNode") and exits with
+status 1 (Flower exits with 1 for every error; the code is only in the log). :class:`Supervisor`
+restarts such a process with exponential backoff and gives up only on codes that mean a
+configuration error (:data:`PERMANENT_EXIT_CODES`). :class:`LocalFederation` puts a whole
+deployment on 127.0.0.1 for trials, tests and benchmarks.
 """
 
 from __future__ import annotations

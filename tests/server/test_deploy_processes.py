@@ -217,6 +217,7 @@ def test_a_node_killed_mid_round_drops_out_and_the_round_completes(deployment):
     dropped = {stage: names for stage, names in first["secagg_dropped"].items() if names}
     # its pairwise masks are in the others' masked inputs: the sum is unmasked from their shares of its secrets
     assert dropped in ({"masked_input": [victim]}, {"unmasking": [victim]}), dropped
+    assert any("Node Unavailable" in e for e in first["secagg_errors"]), first["secagg_errors"]  # the SuperLink's word
     assert (second["clients_sampled"], second["clients_ok"], second["clients_failed"]) == (3, 3, 0)
     assert victim not in second["secagg_in_sum"]
     assert torch.load(dep.root / "run" / "model.pt", weights_only=False)["round"] == 2
