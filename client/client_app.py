@@ -10,6 +10,9 @@ update only masked, in the later ``train.secagg`` stages (``client/secure_aggreg
 ``evaluate`` message it reports leave-one-out test metrics of the global model on its users (full
 ranking, history excluded).
 
+In a deployment the node's own ``--node-config`` names its data, catalogue, privacy policy and
+ledger folder (``client/node.py``); the policy and ledger folder there override the run config's.
+
 ``make_client_app(config, data)`` builds the app for the simulation runner (config and data source
 travel with the app); the module-level ``app`` is the one ``flwr run`` loads, reading the
 run config from Flower's ``Context``.
@@ -28,6 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import secure_aggregation as secure
+from client.node import is_deployed
 from core_model.config import ExperimentConfig, config_from_run_config
 from core_model.data import LeaveOneOutSplit
 from core_model.model import SASRec
@@ -61,7 +65,11 @@ DataSource = Callable[[ExperimentConfig, Context], ClientData]
 
 
 def default_data_source(config: ExperimentConfig, context: Context) -> ClientData:
-    """Simulation: the partition named by ``node_config["partition-id"]``."""
+    """Deployment: the node's own data (``data-path`` in its node config, ``client/node.py``);
+    simulation: the partition named by ``node_config["partition-id"]``."""
+    if is_deployed(context.node_config):
+        from client.node import NodeSettings, node_client_data
+        return node_client_data(config, NodeSettings.from_node_config(context.node_config))
     from simulations.clients import simulated_client_data
     return simulated_client_data(config, int(context.node_config["partition-id"]))
 
@@ -183,6 +191,9 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
 
     def resolve(context: Context) -> tuple[ExperimentConfig, ClientData]:
         cfg = config or config_from_run_config(context.run_config)
+        if is_deployed(context.node_config):  # the operator's policy, ledger and catalogue win
+            from client.node import NodeSettings
+            cfg = NodeSettings.from_node_config(context.node_config).apply(cfg)
         return cfg, source(cfg, context)
 
     @app.train()

@@ -47,6 +47,9 @@ class DataConfig:
     ``kind="synthetic"`` generates the built-in SYNTHETIC live-commerce log (no file needed);
     every other kind reads ``path``: a file (``interactions``, ``sasrec``, ``twitch``) or a folder
     (``ml-1m``, ``ml-100k``). Column names apply to ``kind="interactions"`` (empty = absent).
+    ``catalogue``: a deployment's public item catalogue (a text file, one raw item id per line,
+    line k = item index k); when set, the ServerApp takes the items from it instead of reading the
+    log, and every node indexes its own log by it (``client/node.py``, docs/deployment.md).
     """
 
     kind: str = "synthetic"
@@ -57,6 +60,7 @@ class DataConfig:
     event_col: str = ""
     group_col: str = ""
     min_length: int = 3
+    catalogue: str = ""
     synthetic: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,7 +102,9 @@ class FederationConfig:
     Partitions (``simulations/partition.py``): ``attribute`` (one client per value of the user
     attribute ``partition_attribute``, e.g. ``region``, ``community``), ``group`` (a user's most
     frequent interaction group, e.g. merchant), ``iid``, ``dirichlet-size`` and ``dirichlet-label``
-    (``num_clients`` clients, concentration ``dirichlet_alpha``). ``client_cpus`` / ``client_gpus``
+    (``num_clients`` clients, concentration ``dirichlet_alpha``). In a deployment
+    (``data.catalogue`` set) ``num_clients`` is the number of nodes the server waits for before
+    round 1 (0: ``min_train_clients``). ``client_cpus`` / ``client_gpus``
     are the simulation engine's resources per client (``client_gpus=-1``: a quarter GPU when CUDA is
     present, none otherwise). ``run_dir`` is where the ServerApp keeps its run directory under
     ``flwr run`` (absolute: the ServerApp runs in the SuperLink's working directory; empty:

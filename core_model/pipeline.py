@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -57,3 +58,22 @@ def align_to_vocabulary(log: InteractionLog, items: Vocabulary) -> InteractionLo
                           timestamps=log.timestamps, events=log.events, event_names=log.event_names,
                           interaction_groups=log.interaction_groups, user_attributes=log.user_attributes,
                           item_features={})
+
+
+def read_catalogue(path: str | Path) -> Vocabulary:
+    """The public item catalogue: one raw item id per line, line k = item index k (1-based)."""
+    if not str(path):
+        raise ValueError("data.catalogue is empty: a deployment needs the public item catalogue "
+                         "(one item id per line) on the server and on every node")
+    ids = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    if any(not raw for raw in ids):
+        blank = ids.index("") + 1
+        raise ValueError(f"{path}:{blank}: empty item id in the catalogue")
+    if not ids:
+        raise ValueError(f"{path}:0: the item catalogue is empty")
+    return Vocabulary(tuple(ids), offset=1)
+
+
+def write_catalogue(items: Vocabulary, path: str | Path) -> None:
+    """Write ``items`` as a catalogue file (see :func:`read_catalogue`)."""
+    Path(path).write_text("".join(f"{raw}\n" for raw in items.ids), encoding="utf-8")

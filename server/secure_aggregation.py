@@ -149,9 +149,14 @@ class SecureRound:
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout)) if messages else []
         self._seconds[stage] = time.perf_counter() - t0
+        # a node the SuperLink found dead is answered by the SuperLink itself (src = the SuperLink,
+        # error NODE_UNAVAILABLE): such a reply is matched to its request by reply_to_message_id
+        sent = {m.metadata.message_id: self._id.get(m.metadata.dst_node_id) for m in messages}
         by_id: dict[int, Message] = {}
         for reply in replies:
             cid = self._id.get(reply.metadata.src_node_id)
+            if cid is None and reply.has_error():
+                cid = sent.get(reply.metadata.reply_to_message_id)
             if cid is not None and cid not in by_id:
                 by_id[cid] = reply
         return by_id

@@ -20,6 +20,11 @@ resume); each round uses the strategy's own ``configure_train`` / ``aggregate_tr
 Under DP-SGD the clients' replies carry the receipts of their ledger entries; they go to
 ``receipts.jsonl`` as the replies arrive (``server/receipts.py``).
 
+In a deployment (``data.catalogue`` set, docs/deployment.md) the server reads only the public item
+catalogue; it waits for ``federation.num_clients`` nodes (0: ``federation.min_train_clients``)
+before round 1, and later rounds go on with the nodes that are up (at least
+``federation.min_train_clients``), so that a dead node cannot stall the run.
+
 On resume the loop starts after the checkpoint's round; ``metrics.jsonl`` lines of rounds after
 it (written before a crash but not checkpointed) are dropped, so no round is counted twice.
 ``receipts.jsonl`` keeps every line: the clients did record those spends.
@@ -156,16 +161,23 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
 
 
 class RoundLoop:
-    """The federated rounds of one run, checkpointed into ``run_dir``."""
+    """The federated rounds of one run, checkpointed into ``run_dir``.
+
+    Round 1 waits for ``num_clients`` nodes. With ``every_round_needs_all`` (simulations) every
+    round waits for all of them; without it (deployments, where a node may die and stay away) a
+    round samples from the nodes connected then, at least ``federation.min_train_clients``.
+    """
 
     def __init__(self, config: ExperimentConfig, *, run_dir: Path, items: Vocabulary,
                  item_titles: list[str] | None = None, num_clients: int | None = None,
+                 every_round_needs_all: bool = True,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.items = items
         self.item_titles = item_titles
         self.num_clients = num_clients
+        self.every_round_needs_all = every_round_needs_all
         self.on_round = on_round
         self.receipts = ReceiptLog(None)
 
@@ -184,7 +196,8 @@ class RoundLoop:
         self.receipts = ReceiptLog(self.run_dir / RECEIPTS)
         torch.manual_seed(fed.seed)
         model = SASRec(self.config.model_config(len(self.items)))
-        strategy = build_strategy(fed, num_clients=self.num_clients)
+        # a simulation's rounds wait for every client; a deployment's go on with the nodes that are up
+        strategy = build_strategy(fed, num_clients=self.num_clients if self.every_round_needs_all else None)
         ckpt_path = self.run_dir / CHECKPOINT
         start = 1
         if ckpt_path.exists():
@@ -320,8 +333,13 @@ def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | N
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or config_from_run_config(context.run_config)
-        catalogue, titles, expected = items, item_titles, num_clients
-        if catalogue is None:  # `flwr run`: the item catalogue is public; read it from the data source
+        catalogue, titles, expected, every_round_needs_all = items, item_titles, num_clients, True
+        if catalogue is None and cfg.data.catalogue:  # deployment: the public catalogue; the data stays on the nodes
+            from core_model.pipeline import read_catalogue
+            catalogue = read_catalogue(cfg.data.catalogue)
+            expected = cfg.federation.num_clients or cfg.federation.min_train_clients
+            every_round_needs_all = False
+        elif catalogue is None:  # `flwr run`: the item catalogue is public; read it from the data source
             from simulations.clients import load_federation
             log, _, partition = load_federation(cfg)
             catalogue, titles = log.items, log.item_features.get("title")
@@ -330,6 +348,7 @@ def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | N
             expected = partition.num_clients
         out = run_dir or Path(cfg.federation.run_dir or Path("runs") / time.strftime("flwr-%Y%m%d-%H%M%S"))
         RoundLoop(cfg, run_dir=out, items=catalogue, item_titles=titles, num_clients=expected,
+                  every_round_needs_all=every_round_needs_all,
                   on_round=on_round).run(grid)
 
     return app

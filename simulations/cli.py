@@ -7,6 +7,7 @@
     fedrec simulate   [--config FILE] [--data-kind K --data PATH] [--set key=value ...] [--out DIR]
     fedrec simulate   --resume RUN_DIR
     fedrec audit      RUN_DIR [--out DIR] [--policy FILE] [--empirical [--delta D]]
+    fedrec deploy     certs | node-key | superlink | federation | register | supernode | run | demo-data
 
 With no data given, ``train`` uses the built-in SYNTHETIC live-commerce log. This module is the
 only place that configures logging and draws progress bars.
@@ -327,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_synthesize)
+
+    from server.deploy import add_deploy_parser
+    add_deploy_parser(sub)
     return parser
 
 
