@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from privacy.accounting import default_delta as accounting_default_delta
+
 CANARY_FILE = "canaries.json"
 """Name of the canary file in a run directory (written before training, read by the clients and
 the audit)."""
@@ -291,7 +293,7 @@ def default_delta(run_dir: str | Path, canaries: Canaries) -> float:
     ns = [int(n) + len(canaries.of_client(str(name))) for name, n in sizes.items()]
     if not ns:
         raise ValueError(f"{path}: no clients; give delta")
-    return 1.0 / (10 * min(ns))
+    return accounting_default_delta(min(ns))
 
 
 def empirical_audit(run_dir: str | Path, *, delta: float | None = None, claimed_epsilon: float | None = None,

@@ -531,9 +531,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, *, host: str = "127.0.0.1",
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
-def end_tree(proc: subprocess.Popen, *, grace: float = 5.0) -> None:
+def end_tree(proc: subprocess.Popen, *, grace: float = 5.0, crash: bool = False) -> None:
     """Terminate ``proc`` and every process it started (a SuperLink's SuperExec and ServerApp, a
-    SuperNode's SuperExec and ClientApps); kill what is left after ``grace`` seconds."""
+    SuperNode's SuperExec and ClientApps); kill what is left after ``grace`` seconds. ``crash``:
+    SIGKILL them all at once (a host or process crash: no clean-up), as tests of failures do."""
     import psutil
 
     try:
@@ -543,7 +544,7 @@ def end_tree(proc: subprocess.Popen, *, grace: float = 5.0) -> None:
         return
     for p in tree:
         try:
-            p.terminate()
+            p.kill() if crash else p.terminate()
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(tree, timeout=grace)

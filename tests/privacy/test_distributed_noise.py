@@ -12,23 +12,14 @@ import pytest
 import torch
 
 from core_model.config import load_config
-from core_model.model import ModelConfig, SASRec
+from core_model.model import SASRec
 from core_model.train import SequenceBatches, TrainConfig
 from privacy.dp import DPPlan, dp_local_train, noise_share
 from server.server_app import distributed_noise_shortfall
 
-V, T = 12, 8
+from tiny_users import T, model, users  # tests/privacy/tiny_users.py
+
 TRAIN = TrainConfig(lr=1.0, precision="fp32", device="cpu", length_buckets=False)  # big steps: float32 rounding of w + step stays far below them
-
-
-def users(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, V + 1, int(rng.integers(3, T + 2))) for _ in range(n)]
-
-
-def model() -> SASRec:
-    torch.manual_seed(0)
-    return SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=1, dropout=0.0))
 
 
 def clipped_sum(m: SASRec, train: list[np.ndarray], clip: float) -> torch.Tensor:

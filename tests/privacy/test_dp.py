@@ -4,28 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
 from core_model.config import PrivacyConfig
-from core_model.model import ModelConfig, SASRec
 from core_model.train import TrainConfig, local_train
 from privacy.accounting import PrivacyAccountant
 from privacy.dp import dp_local_train, plan_dp
 
-V, T = 12, 8
-
-
-def users(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, V + 1, int(rng.integers(3, T + 2))) for _ in range(n)]
-
-
-def model() -> SASRec:
-    torch.manual_seed(0)
-    return SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=1, dropout=0.0))
-
+from tiny_users import model, users  # tests/privacy/tiny_users.py
 
 TRAIN = TrainConfig(lr=0.01, precision="fp32", device="cpu", length_buckets=False)
 

@@ -205,9 +205,7 @@ def test_a_node_killed_mid_round_drops_out_and_the_round_completes(deployment):
         assert time.monotonic() < deadline, "the victim never reached the masked-input stage"
         time.sleep(0.1)
     proc = nodes.pop(victim)
-    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in tree:  # the host dies: SIGKILL to the SuperNode and everything it started
-        p.kill()
+    deploy.end_tree(proc, crash=True)  # the host dies: SIGKILL to the SuperNode and everything it started
     killed = time.monotonic()
 
     rows = wait_for_rounds(dep.root / "run" / "metrics.jsonl", 2, [link, *nodes.values()], timeout=600)
@@ -227,18 +225,6 @@ def test_a_node_killed_mid_round_drops_out_and_the_round_completes(deployment):
           f"kill to the end of round 2); dropped at {first['secagg_dropped']}")
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc`` and everything it started (a host or process crash, no clean-up)."""
-    parent = psutil.Process(proc.pid)
-    tree = parent.children(recursive=True) + [parent]
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
-
-
 def test_a_run_resumes_from_its_checkpoint_after_the_superlink_dies(deployment):
     """SIGKILL the SuperLink (and with it the run's ServerApp) after round 1; restart it on the same
     database and port; launching the run again with the same run directory resumes after the last
@@ -255,7 +241,7 @@ def test_a_run_resumes_from_its_checkpoint_after_the_superlink_dies(deployment):
     launched = dep.launch(ROOT, cfg)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     wait_for_rounds(metrics, 1, [link, *nodes], timeout=400)
-    kill_tree(link)  # the server host crashes mid-run
+    deploy.end_tree(link, crash=True)  # the server host crashes mid-run
     dep.procs.remove(link)
     before = metrics.read_text().splitlines()
     checkpointed = torch.load(dep.root / "run" / "checkpoint.pt", weights_only=True)["round"]

@@ -11,10 +11,11 @@ import json
 import pytest
 import torch
 
-from client.client_app import make_client_app
 from core_model.config import load_config
 from privacy.audit import audit_run
 from simulations.runner import simulate
+
+from secagg_apps import failing_client_app  # tests/simulations/secagg_apps.py
 
 pytestmark = pytest.mark.slow
 
@@ -23,32 +24,6 @@ TINY = ["data.synthetic.num_users=160", "data.synthetic.num_items=40", "data.syn
         "train.lr=1.0", "train.batch_size=16", "eval.sampled=false", "federation.partition=iid",
         "federation.num_clients=4", "federation.num_rounds=3", "federation.lr_schedule=constant",
         'privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.5", 'privacy.noise_placement="distributed"']
-
-
-def failing_at_masked_input(cfg, rnd: int, partition: int):
-    """Our ClientApp, except that ``partition`` raises at the masked-input stage of round ``rnd``."""
-    from flwr.clientapp import ClientApp
-
-    inner = make_client_app(cfg)
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        return inner(msg, context)
-
-    @app.train("secagg")
-    def stage(msg, context):
-        request = msg.content["secagg"]
-        if (request["stage"] == "masked_input" and int(request["round"]) == rnd
-                and int(context.node_config["partition-id"]) == partition):
-            raise RuntimeError("injected failure at masked_input")
-        return inner(msg, context)
-
-    @app.evaluate()
-    def evaluate(msg, context):
-        return inner(msg, context)
-
-    return app
 
 
 def test_a_dropout_aborts_the_round_and_full_rounds_carry_one_accounted_step(tmp_path):
@@ -60,7 +35,7 @@ def test_a_dropout_aborts_the_round_and_full_rounds_carry_one_accounted_step(tmp
     def on_round(record):
         models[record["round"]] = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
 
-    simulate(cfg, run, on_round=on_round, client_app=failing_at_masked_input(cfg, rnd=2, partition=1))
+    simulate(cfg, run, on_round=on_round, client_app=failing_client_app(cfg, {2: {1}}))
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["secagg_aborted"]) for r in rounds] == [(1, False), (2, True), (3, False)]
     assert "only 3 clients' noise shares are in the sum, at least 4" in rounds[1]["secagg_abort_reason"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.client_app import client_seed, make_client_app
+from client.client_app import client_seed
 from core_model.config import load_config
 from core_model.model import SASRec
 from core_model.train import local_train
@@ -29,6 +29,8 @@ from privacy.ledger import PrivacyLedger
 from server.server_app import client_lr
 from simulations.clients import load_federation
 from simulations.runner import simulate
+
+from secagg_apps import failing_client_app, malformed_client_app  # tests/simulations/secagg_apps.py
 
 pytestmark = pytest.mark.slow
 
@@ -95,32 +97,6 @@ def test_secure_and_plain_aggregation_give_the_same_model(tmp_path):
         assert diff <= tol, f"{name}: secure and plain differ by {diff:.2e} > {tol:.2e}"
 
 
-def failing_client_app(cfg, fail_at_masked_input: dict[int, set[int]]):
-    """Our ClientApp, except that partition ``p`` raises at the masked-input stage of round ``r`` for
-    ``p in fail_at_masked_input[r]`` (after sharing its keys: the others mask with it)."""
-    from flwr.clientapp import ClientApp
-
-    inner = make_client_app(cfg)
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        return inner(msg, context)
-
-    @app.train("secagg")
-    def stage(msg, context):
-        request, pid = msg.content["secagg"], int(context.node_config["partition-id"])
-        if request["stage"] == "masked_input" and pid in fail_at_masked_input.get(int(request["round"]), ()):
-            raise RuntimeError(f"injected failure of partition {pid} at masked_input, round {request['round']}")
-        return inner(msg, context)
-
-    @app.evaluate()
-    def evaluate(msg, context):
-        return inner(msg, context)
-
-    return app
-
-
 def test_dropouts_at_masked_input_survivors_sum_then_an_abort_below_threshold(tmp_path):
     # 5 clients: degree 4, threshold 3; a client may lose one neighbour, not two
     cfg = load_config(None, [*TINY, "federation.num_clients=5", "federation.num_rounds=3",
@@ -164,41 +140,6 @@ def test_dropouts_at_masked_input_survivors_sum_then_an_abort_below_threshold(tm
     # round 3: the run went on, with everybody
     assert r3["aggregated"] is True and r3["secagg_aborted"] is False and r3["clients_ok"] == 5
     assert any(not torch.equal(weights[3][k], weights[2][k]) for k in weights[2])
-
-
-def malformed_client_app(cfg, corrupt: dict[tuple[int, int, str], str]):
-    """Our ClientApp, except that partition ``p``'s reply at ``stage`` of round ``r`` is made malformed
-    for ``(r, p, stage)`` in ``corrupt``: ``"garbage-ciphertexts"`` (right size, fails authentication:
-    only the receivers can tell) or ``"short-masked"`` (one value missing)."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord
-    from flwr.clientapp import ClientApp
-
-    inner = make_client_app(cfg)
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        return inner(msg, context)
-
-    @app.train("secagg")
-    def stage(msg, context):
-        request, pid = msg.content["secagg"], int(context.node_config["partition-id"])
-        reply = inner(msg, context)
-        how = corrupt.get((int(request["round"]), pid, request["stage"]))
-        if how == "garbage-ciphertexts":
-            fields = dict(reply.content["secagg"])
-            reply.content["secagg"] = ConfigRecord({**fields, "ciphertexts": [bytes(len(c))
-                                                                              for c in fields["ciphertexts"]]})
-        elif how == "short-masked":
-            masked = reply.content["secagg-masked"]["masked"].numpy()
-            reply.content["secagg-masked"] = ArrayRecord({"masked": Array(masked[:-1].copy())})
-        return reply
-
-    @app.evaluate()
-    def evaluate(msg, context):
-        return inner(msg, context)
-
-    return app
 
 
 def test_malformed_replies_cost_only_their_sender(tmp_path):
