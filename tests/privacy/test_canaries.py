@@ -164,3 +164,13 @@ def test_privacy_config_checks_the_canary_settings():
 def test_empirical_audit_of_a_run_without_canaries_says_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="trained without canaries.*privacy.audit_canaries=1000"):
         empirical_audit(tmp_path)
+
+
+def test_a_canary_file_for_another_catalogue_is_refused_by_name(tmp_path):
+    from simulations.clients import simulated_client_data
+
+    make_canaries(num=4, length=5, num_items=7, clients=["iid-0000"], seed=0).save(tmp_path / "c.json")
+    cfg = load_config(None, ["data.synthetic.num_users=60", "data.synthetic.num_items=30", "federation.partition=iid",
+                             "federation.num_clients=2", f'privacy.audit_canary_file="{tmp_path / "c.json"}"'])
+    with pytest.raises(ValueError, match="c.json: canaries drawn for a catalogue of 7 items, but the data has 30"):
+        simulated_client_data(cfg, 0)

@@ -56,3 +56,17 @@ def test_a_dropout_aborts_the_round_and_full_rounds_carry_one_accounted_step(tmp
     assert "distributed DP-SGD" in json.loads(ledger)["mechanism"]
     results = json.loads((run / "results.json").read_text())
     assert "distributed noise" in results["server_saw"]
+
+
+def test_a_client_without_its_noise_share_count_refuses_to_train(tmp_path):
+    """A client must know t (distributed_min_clients) to size its share: with 0 it trains nothing,
+    and the round fails explicitly instead of sending an update with the wrong noise."""
+    from client.client_app import make_client_app
+
+    run = tmp_path / "run"
+    cfg = load_config(None, TINY + [f'privacy.state_dir="{run / "clients"}"', "federation.num_rounds=1"])
+    simulate(cfg, run, client_app=make_client_app(cfg))  # the app keeps t = 0; the server side fills it in
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert row["secagg_aborted"] is True and row["aggregated"] is False and row["clients_ok"] == 0
+    assert any("privacy.distributed_min_clients must be >= 1 at a client" in e for e in row["secagg_errors"])
+    assert not list((run / "clients").glob("*/ledger.jsonl"))  # nothing spent, nothing recorded
