@@ -69,6 +69,15 @@ class ModelConfig:
         Negatives per user for ``loss="sampled"``.
     tie_weights
         Score items with the input item embedding (SASRec) rather than a separate output table.
+    attn_init
+        ``"normal"``: the query, key and value projections start from N(0, ``init_std``) like every
+        other layer. ``"xavier"``: they start Xavier-uniform over the stacked (3d, d) in-projection,
+        biases zero, as ``torch.nn.MultiheadAttention`` does in the SASRec reference code (whose
+        normal initialisation reaches only its output projection); attention is then sharper at
+        the start of training.
+    attn_output_dropout
+        Dropout on the attention output before the residual sum (True); the reference code has
+        none there (False), only on the attention weights.
     """
 
     num_items: int
@@ -84,6 +93,8 @@ class ModelConfig:
     loss: str = "ce"
     num_negatives: int = 256
     tie_weights: bool = True
+    attn_init: str = "normal"
+    attn_output_dropout: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,6 +111,7 @@ class ModelConfig:
             ("init_std", self.init_std > 0, "> 0"),
             ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
             ("num_negatives", self.num_negatives >= 1, ">= 1"),
+            ("attn_init", self.attn_init in ("normal", "xavier"), "'normal' or 'xavier'"),
         ]
         check_fields(self, checks)
 
@@ -167,7 +179,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.d_model, eps=1e-8)
         self.ff = FeedForward(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout) if config.attn_output_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.layout == "sasrec":
@@ -216,6 +228,12 @@ class SASRec(nn.Module):
         self.output.weight = self._targets().weight
         self.packed = True
         self.apply(self._init_weights)
+        if config.attn_init == "xavier":
+            # nn.MultiheadAttention: xavier_uniform_ over the (3d, d) in-projection
+            bound = math.sqrt(6.0 / (d + 3 * d))
+            for block in self.blocks:
+                for layer in (block.attn.q, block.attn.kv):
+                    nn.init.uniform_(layer.weight, -bound, bound)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -121,6 +121,33 @@ def test_tied_output_shares_the_embedding_parameter():
     assert untied.output.weight is untied.target_emb.weight
 
 
+def test_xavier_attention_init_matches_multihead_attention_and_leaves_the_rest_normal():
+    normal, xavier = make(), make(attn_init="xavier")
+    bound = math.sqrt(6.0 / (4 * 8))  # xavier_uniform_ over the stacked (3d, d) in-projection, d = 8
+    for block in xavier.blocks:
+        w = torch.cat([block.attn.q.weight, block.attn.kv.weight])  # (3d, d)
+        assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.25 * bound / math.sqrt(3)
+        assert torch.equal(block.attn.q.bias, torch.zeros(8))
+    for block in normal.blocks:
+        assert block.attn.q.weight.std() < 0.04  # N(0, 0.02)
+    # every other weight is drawn exactly as before (same seed, same order)
+    same = [n for n, _ in normal.named_parameters() if ".attn.q." not in n and ".attn.kv." not in n]
+    params_n, params_x = dict(normal.named_parameters()), dict(xavier.named_parameters())
+    assert all(torch.equal(params_n[n], params_x[n]) for n in same)
+
+
+def test_attention_output_dropout_can_be_switched_off():
+    torch.manual_seed(0)
+    cfg = dict(num_items=11, max_len=5, d_model=8, num_blocks=1, dropout=0.5)
+    on = SASRec(ModelConfig(**cfg)).train()
+    off = SASRec(ModelConfig(**cfg, attn_output_dropout=False)).train()
+    assert isinstance(on.blocks[0].drop, torch.nn.Dropout)
+    assert isinstance(off.blocks[0].drop, torch.nn.Identity)
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(off.blocks[0].drop(x), x)
+
+
 def test_histories_longer_than_max_len_use_the_last_items():
     model = make()
     long = torch.tensor([[9, 9, 9, 3, 4, 5, 6, 7]])
@@ -134,6 +161,7 @@ def test_histories_longer_than_max_len_use_the_last_items():
     ("num_heads", 3, "num_heads must be a divisor of d_model=8, got 3"),
     ("dropout", 1.0, "dropout must be in [0, 1), got 1.0"),
     ("loss", "mse", "loss must be one of"),
+    ("attn_init", "kaiming", "attn_init must be 'normal' or 'xavier', got 'kaiming'"),
 ])
 def test_config_errors_name_parameter_and_value(field, value, needle):
     kw = dict(num_items=11, d_model=8)

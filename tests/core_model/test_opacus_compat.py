@@ -32,10 +32,11 @@ def batch(loss: str):
     return inputs, targets, neg
 
 
-def build(loss: str, tie: bool) -> SASRec:
+def build(loss: str, tie: bool, attn_init: str = "normal") -> SASRec:
     torch.manual_seed(0)
     model = SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=2, num_heads=2,
-                               dropout=0.0, loss=loss, num_negatives=5, tie_weights=tie))
+                               dropout=0.0, loss=loss, num_negatives=5, tie_weights=tie,
+                               attn_init=attn_init, attn_output_dropout=attn_init == "normal"))
     model.packed = False  # one row per user in every layer, as DP-SGD requires
     return model.double()
 
@@ -50,10 +51,11 @@ def brute_force(model: SASRec, inputs, targets, neg) -> list[dict[str, torch.Ten
     return grads
 
 
-@pytest.mark.parametrize("loss", ["ce", "sampled", "bce"])
-@pytest.mark.parametrize("tie", [True, False])
-def test_per_user_gradients_match_brute_force(loss, tie):
-    model = build(loss, tie)
+@pytest.mark.parametrize("loss,tie,attn_init", [
+    (loss, tie, "normal") for loss in ("ce", "sampled", "bce") for tie in (True, False)
+] + [("ce", True, "xavier")])  # the reference code's attention: xavier in-projection, no output dropout
+def test_per_user_gradients_match_brute_force(loss, tie, attn_init):
+    model = build(loss, tie, attn_init)
     inputs, targets, neg = batch(loss)
     expected = brute_force(model, inputs, targets, neg)
     gsm = opacus.GradSampleModule(model, loss_reduction="mean")
