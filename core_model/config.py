@@ -173,6 +173,10 @@ class PrivacyConfig:
     every round: conservative when ``fraction_train`` < 1), never per round. ``delta`` = 0 means
     1 / (10 n) per client. ``accountant`` (``prv`` or ``rdp``) is the one epsilon is reported
     with. ``grad_sample_mode`` is Opacus' per-sample gradient mode (``hooks`` or ``ew``).
+    ``sample_rate`` (0: derived as above): one Poisson rate q = 1/k (k an integer) for every client
+    instead, so a client's expected batch is q n; every client then spends the same epsilon per
+    step (with q from ``train.batch_size``, larger clients sample at lower rates and spend less
+    than the smallest). A client needs at least k users.
     ``physical_batch_size``: each Poisson batch is run through the model in pieces of at most this
     many users, sorted by history length so that a piece pads only to its own longest user; the
     clipped per-user gradients of all pieces are summed before the one noisy step (the privacy
@@ -230,6 +234,7 @@ class PrivacyConfig:
     audit_canary_file: str = ""
     noise_placement: str = "local"
     distributed_min_clients: int = 0
+    sample_rate: float = 0.0
 
     @property
     def secure_aggregation_enabled(self) -> bool:
@@ -252,6 +257,10 @@ class PrivacyConfig:
             ("accountant", self.accountant in ("prv", "rdp"), "'prv' or 'rdp'"),
             ("grad_sample_mode", self.grad_sample_mode in ("hooks", "ew"), "'hooks' or 'ew'"),
             ("physical_batch_size", self.physical_batch_size >= 1, ">= 1"),
+            ("sample_rate", self.sample_rate == 0 or (0 < self.sample_rate <= 1
+                                                     and abs(1 / self.sample_rate - round(1 / self.sample_rate)) < 1e-9),
+             "0 (q = 1 / ceil(n / train.batch_size) per client) or 1/k for an integer k >= 1 (Opacus' Poisson "
+             "loader samples at 1 / its number of batches)"),
             ("secure_aggregation", self.secure_aggregation in SECURE_AGGREGATION,
              f"one of {SECURE_AGGREGATION} ('auto': on iff mode='dp-sgd')"),
             ("secagg_bound", bound_ok, "a finite number > 0 (the largest |n_k * (w_local - w_global)| and n_k "

@@ -81,7 +81,7 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
     """Sampling rate, noise and delta for a client with ``num_users`` users.
 
     q = 1 / ceil(n / B) (Opacus' convention: ``steps_per_epoch`` = ceil(n / B) expected batches of
-    B users). With ``privacy.target_epsilon`` the noise is calibrated once so that
+    B users), or ``privacy.sample_rate`` = 1/k at every client (``steps_per_epoch`` = k). With ``privacy.target_epsilon`` the noise is calibrated once so that
     ``planned_epochs`` epochs (the whole run) spend exactly that epsilon at delta, or
     ``planned_steps`` steps when given (distributed noise: one step per round).
     """
@@ -93,7 +93,13 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
         raise ValueError(f"planned_epochs must be >= 1, got {planned_epochs}")
     if planned_steps is not None and planned_steps < 1:
         raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
-    steps_per_epoch = math.ceil(num_users / batch_size)
+    if privacy.sample_rate > 0:
+        steps_per_epoch = round(1 / privacy.sample_rate)
+        if num_users < steps_per_epoch:
+            raise ValueError(f"privacy.sample_rate=1/{steps_per_epoch} needs at least {steps_per_epoch} users at a "
+                             f"client (an expected batch of at least one user), this client has {num_users}")
+    else:
+        steps_per_epoch = math.ceil(num_users / batch_size)
     q = 1.0 / steps_per_epoch
     delta = privacy.delta or default_delta(num_users)
     if privacy.noise_multiplier > 0:
@@ -155,8 +161,9 @@ def dp_local_train(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr) if sgd else make_optimizer(model, flat)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    loader = DataLoader(TensorDataset(torch.arange(len(batches))), batch_size=math.ceil(len(batches) / plan.steps_per_epoch),
-                        generator=_os_seeded())
+    # Opacus samples at 1 / len(loader): exactly steps_per_epoch index chunks (their contents are not used)
+    chunks = [c.tolist() for c in np.array_split(np.arange(len(batches)), plan.steps_per_epoch)]
+    loader = DataLoader(TensorDataset(torch.arange(len(batches))), batch_sampler=chunks, generator=_os_seeded())
     if len(loader) != plan.steps_per_epoch:
         raise RuntimeError(f"data loader has {len(loader)} batches, the plan {plan.steps_per_epoch}")
     with warnings.catch_warnings():

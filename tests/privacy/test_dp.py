@@ -35,6 +35,30 @@ def test_plan_rate_steps_delta_and_calibrated_noise():
             plan_dp(target, **kwargs)
 
 
+def test_one_sample_rate_for_every_client():
+    cfg = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, sample_rate=0.5)
+    for n in (306, 1468, 7):  # the batch size no longer matters: q = 1/2 everywhere
+        p = plan_dp(cfg, num_users=n, batch_size=256, planned_epochs=1)
+        assert p.sample_rate == 0.5 and p.steps_per_epoch == 2
+    third = plan_dp(replace(cfg, sample_rate=1 / 3), num_users=10, batch_size=1, planned_epochs=1)
+    assert third.steps_per_epoch == 3 and third.sample_rate == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match=r"sample_rate=1/3 needs at least 3 users at a client .* has 2"):
+        plan_dp(replace(cfg, sample_rate=1 / 3), num_users=2, batch_size=1, planned_epochs=1)
+    for bad in (0.3, 1.5, -0.5):
+        with pytest.raises(ValueError, match=rf"privacy.sample_rate must be 0 .* or 1/k .*, got {bad}"):
+            PrivacyConfig(sample_rate=bad)
+
+
+def test_a_sample_rate_that_does_not_divide_the_users_takes_exactly_k_steps_per_epoch():
+    # Opacus samples at 1 / len(loader), so the loader must have exactly k batches; batches of
+    # ceil(n / k) users would give only 3 for 5 users at k = 4
+    for n, k in ((7, 3), (5, 4), (9, 4)):
+        plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, sample_rate=1 / k), num_users=n,
+                       batch_size=1, planned_epochs=1)
+        stats = dp_local_train(model(), users(n), TRAIN, plan, epochs=2)
+        assert stats["steps"] == 2 * k
+
+
 def test_privacy_config_errors():
     with pytest.raises(ValueError, match="privacy.noise_multiplier must be > 0 with target_epsilon = 0"):
         PrivacyConfig(mode="dp-sgd")
