@@ -97,7 +97,10 @@ class FederationConfig:
     * ``fedavg``: the weighted mean (McMahan et al., AISTATS 2017);
     * ``fedprox``: the same, clients add ``proximal_mu / 2 * ||w - w_global||^2`` (Li et al., MLSys 2020);
     * ``fedadam``: the weighted mean delta is a pseudo-gradient for a server Adam with ``server_lr``,
-      ``server_beta1``, ``server_beta2``, ``server_tau`` (Reddi et al., ICLR 2021).
+      ``server_beta1``, ``server_beta2``, ``server_tau`` (Reddi et al., ICLR 2021). Adam's step does
+      not scale with the pseudo-gradient, so the clients' ``lr_schedule`` barely moves it; the
+      server's own learning rate follows ``server_lr_schedule``: ``"constant"`` or ``"cosine"``
+      (from ``server_lr`` in round 1 to 10 % of it in the last round).
 
     Partitions (``simulations/partition.py``): ``attribute`` (one client per value of the user
     attribute ``partition_attribute``, e.g. ``region``, ``community``), ``group`` (a user's most
@@ -122,6 +125,7 @@ class FederationConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    server_lr_schedule: str = "constant"
     partition: str = "attribute"
     partition_attribute: str = "region"
     num_clients: int = 0
@@ -141,6 +145,7 @@ class FederationConfig:
             ("min_train_clients", self.min_train_clients >= 1, ">= 1"),
             ("local_epochs", self.local_epochs >= 1, ">= 1"),
             ("lr_schedule", self.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
+            ("server_lr_schedule", self.server_lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
             ("proximal_mu", self.proximal_mu >= 0, ">= 0"),
             ("server_lr", self.server_lr > 0, "> 0"),
             ("server_beta1", 0 <= self.server_beta1 < 1, "in [0, 1)"),

@@ -103,6 +103,14 @@ def client_lr(config: ExperimentConfig, server_round: int) -> float:
     return peak * cosine_to_tenth((server_round - 1) / (fed.num_rounds - 1))
 
 
+def server_lr(config: ExperimentConfig, server_round: int) -> float:
+    """FedAdam's learning rate in ``server_round`` (1-based), per ``federation.server_lr_schedule``."""
+    fed = config.federation
+    if fed.server_lr_schedule == "constant" or fed.num_rounds == 1:
+        return fed.server_lr
+    return fed.server_lr * cosine_to_tenth((server_round - 1) / (fed.num_rounds - 1))
+
+
 def _reply_order(reply: Message) -> tuple:
     """A canonical order for a round's replies, so that aggregation does not depend on arrival order.
 
@@ -239,6 +247,9 @@ class RoundLoop:
                            "dp_epsilon_min": min(float(m["dp-epsilon"]) for m in dp),
                            "dp_noise_multiplier_min": min(float(m["dp-noise-multiplier"]) for m in dp),
                            "dp_delta_max": max(float(m["dp-delta"]) for m in dp)})
+        if hasattr(strategy, "eta"):  # FedAdam: the server's own step size this round
+            strategy.eta = server_lr(self.config, rnd)
+            record["server_lr"] = float(strategy.eta)
         # no replies (an aborted secure round) aggregate to nothing and leave the strategy's state as it was
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is None:

@@ -110,6 +110,8 @@ def test_secure_run_ends_with_the_plain_runs_model(tmp_path, strategy, num_round
     rows, secure, grid = run_loop(cfg, tmp_path / "s")
 
     assert [r["secure_aggregation"] for r in plain_rows] == [False] * num_rounds
+    if strategy == "fedadam":  # the server's own step size, recorded every round
+        assert [r["server_lr"] for r in rows] == [0.001] * num_rounds
     assert all(r["secure_aggregation"] and r["aggregated"] and not r["secagg_aborted"] for r in rows)
     assert rows[0]["secagg_clients"] == {"advertise_keys": 4, "share_keys": 4, "masked_input": 4, "unmasking": 4}
     assert rows[0]["secagg_degree"] == 3 and rows[0]["secagg_threshold"] == 2 and rows[0]["secagg_components"] == 1

@@ -27,7 +27,7 @@ from client.client_app import client_seed, round_lr
 from core_model.config import load_config
 from core_model.model import SASRec
 from core_model.train import local_train
-from server.server_app import client_lr
+from server.server_app import client_lr, server_lr
 from simulations.clients import load_federation
 from simulations.runner import simulate
 
@@ -100,6 +100,17 @@ def test_client_lr_schedule_over_rounds():
     assert client_lr(load_config(None, ["federation.num_rounds=1"]), 1) == cfg.train.lr
     with pytest.raises(ValueError, match="federation.lr_schedule"):
         load_config(None, ['federation.lr_schedule="linear"'])
+
+
+def test_server_lr_schedule_over_rounds():
+    cfg = load_config(None, ["federation.server_lr=0.02", "federation.num_rounds=5",
+                             'federation.server_lr_schedule="cosine"'])
+    lrs = [server_lr(cfg, r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[2] == pytest.approx(0.011) and lrs[-1] == pytest.approx(0.002)
+    flat = load_config(None, ["federation.server_lr=0.02", "federation.num_rounds=5"])  # the default: constant
+    assert {server_lr(flat, r) for r in range(1, 6)} == {0.02}
+    with pytest.raises(ValueError, match="federation.server_lr_schedule must be 'constant' or 'cosine'"):
+        load_config(None, ['federation.server_lr_schedule="step"'])
 
 
 def test_client_takes_the_servers_lr_and_rejects_a_bad_one():
