@@ -15,6 +15,13 @@ anyone with the model can learn about one user. Writes
 ``benchmarks/results/privacy-utility-<name>.json`` and ``privacy-utility-<name>.png`` (final
 full-ranking NDCG@10 and HR@10 against epsilon, with the non-private ``--baseline`` run and
 popularity as lines).
+
+With ``--set privacy.noise_placement='"distributed"'`` (one DP step of the whole federation per
+round, the noise shared out among the clients; docs/privacy.md) every client must use the same
+noise multiplier, so for each target the script sets ``privacy.noise_multiplier`` to the largest
+of the clients' own calibrations over ``federation.num_rounds`` steps
+(``privacy.dp.shared_noise_multiplier``): the client with the highest sample rate or the smallest
+delta spends exactly the target, the others less.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from federated import data_settings  # noqa: E402  (benchmarks/federated.py, this script's folder)
 from core_model.config import load_config  # noqa: E402
+from privacy.dp import shared_noise_multiplier  # noqa: E402
 from privacy.ledger import PrivacyLedger  # noqa: E402
+from simulations.clients import load_federation  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
 
 DATASETS = {"ml-1m": ("ml-1m", "ml-1m"), "ml-100k": ("ml-100k", "ml-100k"),
@@ -95,7 +104,16 @@ def main() -> int:
     root = args.run_root or ROOT / "runs" / f"privacy-utility-{args.name}"
     rows, popularity = [], None
     for eps in args.epsilons:
-        cfg = load_config(None, [*base, *args.overrides, 'privacy.mode="dp-sgd"', f"privacy.target_epsilon={eps}"])
+        common = [*base, *args.overrides, 'privacy.mode="dp-sgd"']
+        probe = load_config(None, [*common, "privacy.noise_multiplier=1.0"])
+        if probe.privacy.noise_placement == "distributed":  # one multiplier for every client
+            _, _, partition = load_federation(probe)
+            sigma = shared_noise_multiplier(probe.privacy, client_sizes=[len(r) for r in partition.rows],
+                                            batch_size=probe.train.batch_size, target_epsilon=eps,
+                                            steps=probe.federation.num_rounds)
+            cfg = load_config(None, [*common, f"privacy.noise_multiplier={sigma!r}"])
+        else:
+            cfg = load_config(None, [*common, f"privacy.target_epsilon={eps}"])
         run_dir = root / f"eps-{eps:g}"
         start = time.perf_counter()
         results = simulate(cfg, run_dir)
@@ -117,7 +135,10 @@ def main() -> int:
               f"{wall / 60:.1f} min", flush=True)
     out = {"name": args.name, "dataset": args.dataset, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(sys.argv), "unit_of_privacy": "one user's whole history at their client",
-           "protects_against": "the server, the other clients and anyone with the model",
+           "protects_against": "the server, the other clients and anyone with the model" + (
+               " (distributed noise: as long as secure aggregation holds, the other clients add their noise "
+               "shares and the server with fewer than t of them faces the whole noise; docs/privacy.md)"
+               if any("distributed" in o for o in args.overrides) else ""),
            "baseline_no_dp": baseline["test"] if baseline else None, "popularity": popularity, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     target = args.out_dir / f"privacy-utility-{args.name}.json"

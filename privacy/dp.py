@@ -113,6 +113,23 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
                   num_users=num_users)
 
 
+def shared_noise_multiplier(privacy: PrivacyConfig, *, client_sizes: Sequence[int], batch_size: int,
+                            target_epsilon: float, steps: int) -> float:
+    """The one noise multiplier with which EVERY client spends at most ``target_epsilon`` in ``steps`` steps.
+
+    For distributed noise, where all clients must use the same multiplier: the largest of the
+    clients' own calibrations (each at its own sample rate and delta, as :func:`plan_dp` sets them),
+    so the client with the highest rate or smallest delta spends exactly the target and the others
+    less. Needs every client's number of users, which a simulation knows and a deployed client does not.
+    """
+    if not client_sizes:
+        raise ValueError("client_sizes is empty: the shared multiplier needs every client's number of users")
+    probe = replace(privacy, mode="dp-sgd", noise_multiplier=0.0, target_epsilon=float(target_epsilon),
+                    noise_placement="local")
+    return max(plan_dp(probe, num_users=int(n), batch_size=batch_size, planned_epochs=1,
+                       planned_steps=steps).noise_multiplier for n in sorted(set(client_sizes)))
+
+
 def _os_seeded() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 

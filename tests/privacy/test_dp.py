@@ -10,7 +10,7 @@ import torch
 from core_model.config import PrivacyConfig
 from core_model.train import TrainConfig, local_train
 from privacy.accounting import PrivacyAccountant
-from privacy.dp import dp_local_train, plan_dp
+from privacy.dp import dp_local_train, plan_dp, shared_noise_multiplier
 
 from tiny_users import model, users  # tests/privacy/tiny_users.py
 
@@ -57,6 +57,24 @@ def test_a_sample_rate_that_does_not_divide_the_users_takes_exactly_k_steps_per_
                        batch_size=1, planned_epochs=1)
         stats = dp_local_train(model(), users(n), TRAIN, plan, epochs=2)
         assert stats["steps"] == 2 * k
+
+
+def test_shared_noise_multiplier_is_the_largest_client_calibration():
+    cfg = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0)
+    sizes = [306, 1468]
+    sigma = shared_noise_multiplier(cfg, client_sizes=sizes, batch_size=256, target_epsilon=8.0, steps=150)
+    spent = []
+    for n in sizes:  # every client at its own q = 1 / ceil(n / 256) and delta = 1 / (10 n)
+        acc = PrivacyAccountant()
+        acc.add(noise_multiplier=sigma, sample_rate=1 / -(-n // 256), steps=150)
+        spent.append(acc.epsilon(1 / (10 * n)))
+    assert max(spent) == pytest.approx(8.0, abs=0.01) and spent[0] == max(spent)  # q = 1/2 is the worst
+    # one rate for all: now the largest client (smallest delta) is the one that spends the target
+    same_q = shared_noise_multiplier(replace(cfg, sample_rate=0.5), client_sizes=sizes, batch_size=256,
+                                     target_epsilon=8.0, steps=150)
+    assert same_q > sigma
+    with pytest.raises(ValueError, match="client_sizes is empty"):
+        shared_noise_multiplier(cfg, client_sizes=[], batch_size=256, target_epsilon=8.0, steps=150)
 
 
 def test_privacy_config_errors():
