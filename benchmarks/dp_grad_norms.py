@@ -13,7 +13,6 @@ adds noise for nothing; far below it, every user's gradient is normalised.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core_model import config as C  # noqa: E402
 from core_model.model import SASRec  # noqa: E402
 from core_model.train import SequenceBatches, load_checkpoint  # noqa: E402
 from simulations.clients import load_federation  # noqa: E402
+from simulations.runner import load_run_config  # noqa: E402
 
 
 def norms(model: SASRec, batches: SequenceBatches) -> np.ndarray:
@@ -48,10 +47,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    raw = json.loads((args.run_dir / "config.json").read_text())
-    cfg = C.ExperimentConfig(data=C.DataConfig(**raw["data"]), model=raw["model"], train=C.TrainConfig(**raw["train"]),
-                             eval=C.EvalConfig(**raw["eval"]), federation=C.FederationConfig(**raw["federation"]),
-                             privacy=C.PrivacyConfig(**raw["privacy"]))
+    cfg = load_run_config(args.run_dir)
     trained, _ = load_checkpoint(args.run_dir / "model.pt")
     _, split, _ = load_federation(cfg)
     rows = np.random.default_rng(0).choice(len(split.train), min(args.users, len(split.train)), replace=False)

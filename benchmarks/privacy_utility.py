@@ -103,10 +103,11 @@ def main() -> int:
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     root = args.run_root or ROOT / "runs" / f"privacy-utility-{args.name}"
     rows, popularity = [], None
+    common = [*base, *args.overrides, 'privacy.mode="dp-sgd"']
+    probe = load_config(None, [*common, "privacy.noise_multiplier=1.0"])
+    distributed = probe.privacy.noise_placement == "distributed"
     for eps in args.epsilons:
-        common = [*base, *args.overrides, 'privacy.mode="dp-sgd"']
-        probe = load_config(None, [*common, "privacy.noise_multiplier=1.0"])
-        if probe.privacy.noise_placement == "distributed":  # one multiplier for every client
+        if distributed:  # one multiplier for every client
             _, _, partition = load_federation(probe)
             sigma = shared_noise_multiplier(probe.privacy, client_sizes=[len(r) for r in partition.rows],
                                             batch_size=probe.train.batch_size, target_epsilon=eps,
@@ -138,7 +139,7 @@ def main() -> int:
            "protects_against": "the server, the other clients and anyone with the model" + (
                " (distributed noise: as long as secure aggregation holds, the other clients add their noise "
                "shares and the server with fewer than t of them faces the whole noise; docs/privacy.md)"
-               if any("distributed" in o for o in args.overrides) else ""),
+               if distributed else ""),
            "baseline_no_dp": baseline["test"] if baseline else None, "popularity": popularity, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     target = args.out_dir / f"privacy-utility-{args.name}.json"

@@ -97,18 +97,20 @@ def client_lr(config: ExperimentConfig, server_round: int) -> float:
 
     ``cosine`` decays from ``train.lr`` in round 1 to 10 % of it in the last round.
     """
-    fed, peak = config.federation, config.train.lr
-    if fed.lr_schedule == "constant" or fed.num_rounds == 1:
-        return peak
-    return peak * cosine_to_tenth((server_round - 1) / (fed.num_rounds - 1))
+    fed = config.federation
+    return _scheduled(config.train.lr, fed.lr_schedule, server_round, fed.num_rounds)
 
 
 def server_lr(config: ExperimentConfig, server_round: int) -> float:
     """FedAdam's learning rate in ``server_round`` (1-based), per ``federation.server_lr_schedule``."""
     fed = config.federation
-    if fed.server_lr_schedule == "constant" or fed.num_rounds == 1:
-        return fed.server_lr
-    return fed.server_lr * cosine_to_tenth((server_round - 1) / (fed.num_rounds - 1))
+    return _scheduled(fed.server_lr, fed.server_lr_schedule, server_round, fed.num_rounds)
+
+
+def _scheduled(peak: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    if schedule == "constant" or num_rounds == 1:
+        return peak
+    return peak * cosine_to_tenth((server_round - 1) / (num_rounds - 1))
 
 
 def _reply_order(reply: Message) -> tuple:
