@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from federated import data_settings  # noqa: E402  (benchmarks/federated.py, this script's folder)
-from core_model.config import load_config  # noqa: E402
+from core_model.config import ExperimentConfig, load_config  # noqa: E402
 from privacy.dp import shared_noise_multiplier  # noqa: E402
 from privacy.ledger import PrivacyLedger  # noqa: E402
 from simulations.clients import load_federation  # noqa: E402
-from simulations.runner import simulate  # noqa: E402
+from simulations.runner import load_run_config, simulate  # noqa: E402
 
 DATASETS = {"ml-1m": ("ml-1m", "ml-1m"), "ml-100k": ("ml-100k", "ml-100k"),
             "twitch": ("twitch", "twitch/twitch105k.csv.gz"), "synthetic": ("synthetic", "")}
@@ -60,6 +60,53 @@ def ledger_summary(run_dir: Path) -> dict:
     if not clients:
         raise RuntimeError(f"{run_dir}: no client ledgers under {run_dir / 'clients'}")
     return clients
+
+
+AUTO_RESOLVED = {("privacy", "distributed_min_clients"): 0, ("privacy", "state_dir"): ""}
+"""Settings whose default means "decide at run time": the runner stores the resolved value (the
+clients per round, ``<run dir>/clients``), which is decided by settings that are compared."""
+
+
+def existing_run(spec: str) -> tuple[float, Path]:
+    """``--existing EPS=RUN_DIR`` -> (EPS, RUN_DIR), with an error naming the value when malformed."""
+    eps, sep, run_dir = spec.partition("=")
+    try:
+        value = float(eps)
+    except ValueError:
+        value = float("nan")
+    if not sep or not run_dir or not value > 0:
+        raise SystemExit(f"--existing {spec!r}: expected EPSILON=RUN_DIR with epsilon > 0, e.g. 8=runs/x4-q2")
+    return value, Path(run_dir)
+
+
+def check_existing(run_dir: Path, cfg, eps: float) -> dict:
+    """The finished run in ``run_dir`` as this table's point for target ``eps``.
+
+    Its configuration must equal the one this invocation would run in everything but the noise
+    multiplier (which its ledgers state). A setting left to ``AUTO_RESOLVED`` here matches what the
+    run resolved it to; a setting the run's ``config.json`` lacks (it predates it) matches this
+    code's default. A mismatch is an error naming the first differing setting; a client that spent
+    more than ``eps`` is one too (checked from the ledgers by the caller).
+    """
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise SystemExit(f"--existing {eps:g}={run_dir}: {results_path} does not exist (not a finished run)")
+    theirs = json.loads((run_dir / "config.json").read_text())
+    load_run_config(run_dir)  # still a valid configuration for this code
+    ours, defaults = cfg.to_dict(), ExperimentConfig().to_dict()
+    for section in ours:
+        for key in sorted(set(ours[section]) | set(theirs.get(section, {}))):
+            mine, other = ours[section].get(key), theirs.get(section, {}).get(key)
+            if (section, key) == ("privacy", "noise_multiplier"):
+                continue
+            if (section, key) in AUTO_RESOLVED and mine == AUTO_RESOLVED[section, key]:
+                continue  # auto here; the runner stored what it resolved it to
+            if key not in theirs.get(section, {}) and mine == defaults[section].get(key):
+                continue  # the run predates this setting and had its (default) behaviour
+            if mine != other:
+                raise SystemExit(f"--existing {eps:g}={run_dir}: {section}.{key} is {other!r} in that run, "
+                                 f"{mine!r} in this table")
+    return json.loads(results_path.read_text())
 
 
 def plot(rows: list[dict], baseline: dict | None, popularity: dict | None, out: Path, title: str) -> None:
@@ -86,7 +133,7 @@ def plot(rows: list[dict], baseline: dict | None, popularity: dict | None, out: 
     plt.close(fig)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True)
     parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
@@ -96,12 +143,19 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-root", type=Path, help="where the runs go (default runs/privacy-utility-<name>)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    parser.add_argument("--existing", action="append", default=[], metavar="EPS=RUN_DIR",
+                        help="take the point for target EPS from this finished run (same settings but the "
+                             "noise multiplier, checked) instead of running it; repeatable")
+    args = parser.parse_args(argv)
     base = data_settings(*DATASETS[args.dataset], args.data_root)
     if base is None:
         return 2
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     root = args.run_root or ROOT / "runs" / f"privacy-utility-{args.name}"
+    existing = dict(existing_run(spec) for spec in args.existing)
+    unused = sorted(set(existing) - set(args.epsilons))
+    if unused:
+        raise SystemExit(f"--existing given for epsilon {unused}, which is not in --epsilons {args.epsilons}")
     rows, popularity = [], None
     common = [*base, *args.overrides, 'privacy.mode="dp-sgd"']
     probe = load_config(None, [*common, "privacy.noise_multiplier=1.0"])
@@ -117,9 +171,17 @@ def main() -> int:
             cfg = load_config(None, [*common, f"privacy.target_epsilon={eps}"])
         run_dir = root / f"eps-{eps:g}"
         start = time.perf_counter()
-        results = simulate(cfg, run_dir)
-        wall = time.perf_counter() - start
+        if eps in existing:
+            run_dir = existing[eps]
+            results = check_existing(run_dir, cfg, eps)
+            wall = results["wall_seconds_this_process"]
+        else:
+            results = simulate(cfg, run_dir)
+            wall = time.perf_counter() - start
         clients = ledger_summary(run_dir)
+        spent = max(c["epsilon"] for c in clients.values())
+        if spent > eps * (1 + 1e-3):
+            raise SystemExit(f"{run_dir}: a client spent epsilon {spent:.4f}, above the target {eps:g}")
         popularity = results["popularity_test"]
         row = {"target_epsilon": eps, "epsilon_max": max(c["epsilon"] for c in clients.values()),
                "delta_max": max(c["delta"] for c in clients.values()),
@@ -127,6 +189,7 @@ def main() -> int:
                "noise_multiplier_range": [min(c["noise_multiplier"] for c in clients.values()),
                                           max(c["noise_multiplier"] for c in clients.values())],
                "rounds": results["rounds"], "test": results["test"], "wall_minutes": wall / 60,
+               "reused": eps in existing,
                "clients": clients, "run_dir": str(run_dir)}
         rows.append(row)
         print(f"target epsilon {eps:g}: NDCG@10 {row['test']['ndcg@10']:.4f} HR@10 {row['test']['hr@10']:.4f}; "
@@ -134,8 +197,9 @@ def main() -> int:
               f"({row['accountant'].upper()}, user-level, max over clients); noise "
               f"{row['noise_multiplier_range'][0]:.3f}-{row['noise_multiplier_range'][1]:.3f}; "
               f"{wall / 60:.1f} min", flush=True)
+    command = [sys.argv[0], *sys.argv[1:]] if argv is None else ["benchmarks/privacy_utility.py", *argv]
     out = {"name": args.name, "dataset": args.dataset, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
-           "command": " ".join(sys.argv), "unit_of_privacy": "one user's whole history at their client",
+           "command": " ".join(command), "unit_of_privacy": "one user's whole history at their client",
            "protects_against": "the server, the other clients and anyone with the model" + (
                " (distributed noise: as long as secure aggregation holds, the other clients add their noise "
                "shares and the server with fewer than t of them faces the whole noise; docs/privacy.md)"
