@@ -160,15 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     common = [*base, *args.overrides, 'privacy.mode="dp-sgd"']
     probe = load_config(None, [*common, "privacy.noise_multiplier=1.0"])
     distributed = probe.privacy.noise_placement == "distributed"
+    if distributed:  # one multiplier for every client, from every client's size
+        _, _, partition = load_federation(probe)
+        sizes = [len(r) for r in partition.rows]
     for eps in args.epsilons:
-        if distributed:  # one multiplier for every client
-            _, _, partition = load_federation(probe)
-            sigma = shared_noise_multiplier(probe.privacy, client_sizes=[len(r) for r in partition.rows],
-                                            batch_size=probe.train.batch_size, target_epsilon=eps,
-                                            steps=probe.federation.num_rounds)
-            cfg = load_config(None, [*common, f"privacy.noise_multiplier={sigma!r}"])
-        else:
+        if not distributed:
             cfg = load_config(None, [*common, f"privacy.target_epsilon={eps}"])
+        elif eps in existing:
+            cfg = probe  # the multiplier is not compared: the run's ledgers state the one it used
+        else:
+            sigma = shared_noise_multiplier(probe.privacy, client_sizes=sizes, batch_size=probe.train.batch_size,
+                                            target_epsilon=eps, steps=probe.federation.num_rounds)
+            cfg = load_config(None, [*common, f"privacy.noise_multiplier={sigma!r}"])
         run_dir = root / f"eps-{eps:g}"
         start = time.perf_counter()
         if eps in existing:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if spent > eps * (1 + 1e-3):
             raise SystemExit(f"{run_dir}: a client spent epsilon {spent:.4f}, above the target {eps:g}")
         popularity = results["popularity_test"]
-        row = {"target_epsilon": eps, "epsilon_max": max(c["epsilon"] for c in clients.values()),
+        row = {"target_epsilon": eps, "epsilon_max": spent,
                "delta_max": max(c["delta"] for c in clients.values()),
                "accountant": cfg.privacy.accountant, "max_grad_norm": cfg.privacy.max_grad_norm,
                "noise_multiplier_range": [min(c["noise_multiplier"] for c in clients.values()),
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({row['accountant'].upper()}, user-level, max over clients); noise "
               f"{row['noise_multiplier_range'][0]:.3f}-{row['noise_multiplier_range'][1]:.3f}; "
               f"{wall / 60:.1f} min", flush=True)
-    command = [sys.argv[0], *sys.argv[1:]] if argv is None else ["benchmarks/privacy_utility.py", *argv]
+    command = sys.argv if argv is None else ["benchmarks/privacy_utility.py", *argv]
     out = {"name": args.name, "dataset": args.dataset, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(command), "unit_of_privacy": "one user's whole history at their client",
            "protects_against": "the server, the other clients and anyone with the model" + (
