@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from core_model.config import load_config  # noqa: E402
 from core_model.evaluate import Popularity, evaluate_ranking  # noqa: E402
-from core_model.model import SASRec  # noqa: E402
+from core_model.features import build_model  # noqa: E402
 from core_model.pipeline import load_log, split_log  # noqa: E402
 from core_model.train import evaluate_model, fit, select_device  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> int:
     log = load_log(cfg.data)
     split = split_log(log, cfg.data)
     device = select_device(cfg.train.device)
-    model = SASRec(cfg.model_config(log.num_items))
+    model = build_model(cfg, log.num_items, log.item_features)
     run_dir = args.run_dir or ROOT / "runs" / f"bench-{args.dataset}"
     curve: list[dict] = []
 

@@ -54,7 +54,10 @@ def main() -> int:
     batches = SequenceBatches([split.train[r] for r in rows], trained.config.max_len)
     torch.manual_seed(0)
     clip = cfg.privacy.max_grad_norm
-    for name, model in (("initialisation", SASRec(trained.config)), ("trained", trained)):
+    fresh = SASRec(trained.config)
+    if trained.feat_in is not None:  # the same public catalogue features
+        fresh.set_item_features(trained.item_feature_matrix)
+    for name, model in (("initialisation", fresh), ("trained", trained)):
         g = norms(model, batches)
         p10, p50, p90 = np.percentile(g, [10, 50, 90])
         print(f"{name}: per-user gradient norm p10 {p10:.3f}, median {p50:.3f}, p90 {p90:.3f}; "

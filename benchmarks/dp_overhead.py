@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core_model.config import PrivacyConfig, load_config  # noqa: E402
+from core_model.features import build_model  # noqa: E402
 from core_model.model import SASRec  # noqa: E402
 from core_model.train import local_train  # noqa: E402
 from privacy.dp import dp_local_train, plan_dp  # noqa: E402
@@ -73,13 +74,13 @@ def main() -> int:
     client = split.subset(partition.rows[cid])
     train = client.train
     torch.manual_seed(0)
-    initial = SASRec(cfg.model_config(log.num_items)).shareable_state()
+    initial = build_model(cfg, log.num_items, log.item_features).shareable_state()
     pieces = cfg.privacy.physical_batch_size
     plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=args.noise), num_users=len(train),
                    batch_size=cfg.train.batch_size, planned_epochs=1)
 
     def fresh() -> SASRec:
-        model = SASRec(cfg.model_config(log.num_items))
+        model = build_model(cfg, log.num_items, log.item_features)
         model.load_shareable_state(initial)
         return model
 

@@ -34,6 +34,7 @@ from client import secure_aggregation as secure
 from client.node import is_deployed
 from core_model.config import ExperimentConfig, config_from_run_config
 from core_model.data import LeaveOneOutSplit
+from core_model.features import FEATURES_RECORD, build_model
 from core_model.model import SASRec
 from core_model.train import evaluate_model, local_train, select_device
 from privacy import PRIVACY_DECLINED, RECEIPT_RECORD
@@ -142,7 +143,7 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
             logger.warning("client %s round %d: declined: %s", data.name, server_round, decision.reason)
             reason = receipt.attach_to(f"client {data.name}: {decision.reason}")
             return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
-    model = _model(cfg, data, msg.content["arrays"])
+    model = _model(cfg, data, msg.content)
     lr = round_lr(msg.content["config"], cfg.train.lr)
     if distributed:  # one plain-SGD step with this client's share of the noise; the sum carries all of it
         share = replace(plan, noise_multiplier=noise_share(plan.noise_multiplier, priv.distributed_min_clients))
@@ -168,7 +169,7 @@ def plain_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *,
     """One round of non-private local training (FedProx's proximal term when the server sent one)."""
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     lr = round_lr(msg.content["config"], cfg.train.lr)
-    model = _model(cfg, data, msg.content["arrays"])
+    model = _model(cfg, data, msg.content)
     stats = local_train(model, data.split.train, replace(cfg.train, lr=lr), epochs=cfg.federation.local_epochs,
                         seed=client_seed(cfg.federation.seed, server_round, data.name), proximal_mu=mu)
     logger.debug("client %s round %d: %d users, loss %.4f", data.name, server_round, len(data.split),
@@ -178,9 +179,17 @@ def plain_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *,
     return model, metrics
 
 
-def _model(config: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> SASRec:
-    model = SASRec(config.model_config(data.num_items))
-    model.load_shareable_state(arrays.to_torch_state_dict())
+def _model(config: ExperimentConfig, data: ClientData, content: RecordDict) -> SASRec:
+    """The global model of a server message's ``content``; with ``model.item_features``, the
+    catalogue feature matrix the server sent along (public; without it, an error naming the record)."""
+    features = None
+    if config.model_config(data.num_items).item_feature_names:
+        if FEATURES_RECORD not in content.array_records:
+            raise ValueError(f"model.item_features={config.model['item_features']!r}, but the server's message has "
+                             f"no {FEATURES_RECORD!r} record with the catalogue feature matrix")
+        features = content[FEATURES_RECORD]["matrix"].numpy()
+    model = build_model(config, data.num_items, features)
+    model.load_shareable_state(content["arrays"].to_torch_state_dict())
     return model
 
 
@@ -232,7 +241,7 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, data = resolve(context)
         device = select_device(cfg.train.device)
-        model = _model(cfg, data, msg.content["arrays"]).to(device)
+        model = _model(cfg, data, msg.content).to(device)
         m = evaluate_model(model, data.eval_split, which="test", exclude_history=cfg.eval.exclude_history,
                            sampled=False, device=device)
         metrics = MetricRecord({"num-examples": int(len(data.eval_split)), "ndcg@10": float(m["ndcg@10"]),

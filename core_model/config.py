@@ -4,7 +4,8 @@ Sections and their defaults (every key is optional; unknown keys are an error)::
 
     [data]    kind = "synthetic"  path = ""  (+ column names for kind = "interactions", min_length)
     [data.synthetic]  the fields of core_model.synthetic.SyntheticConfig
-    [model]   the fields of core_model.model.ModelConfig except num_items (taken from the data)
+    [model]   the fields of core_model.model.ModelConfig except num_items and num_item_features
+              (taken from the data and its catalogue)
     [train]   the fields of core_model.train.TrainConfig
     [eval]    exclude_history = true  sampled = true  seed = 0
     [federation]  rounds, strategy, partition, local training (see FederationConfig)
@@ -307,9 +308,15 @@ class ExperimentConfig:
         if self.privacy.noise_placement == "distributed" and self.federation.local_epochs != 1:
             raise ValueError(f"federation.local_epochs must be 1 with privacy.noise_placement='distributed' (one "
                              f"DP-SGD step per round, summed across clients), got {self.federation.local_epochs}")
+        if self.data.catalogue and str(self.model.get("item_features", "")).strip():
+            raise ValueError(f"model.item_features={self.model['item_features']!r} is not available in a deployment "
+                             f"yet: data.catalogue={self.data.catalogue!r} lists item ids only, not their features "
+                             "(use model.item_features in simulations and centralized training)")
 
-    def model_config(self, num_items: int) -> ModelConfig:
-        return ModelConfig.from_dict({**self.model, "num_items": num_items})
+    def model_config(self, num_items: int, num_item_features: int = 0) -> ModelConfig:
+        """The model's config for a catalogue of ``num_items`` items whose ``model.item_features``
+        matrix (``core_model/features.py``) has ``num_item_features`` columns."""
+        return ModelConfig.from_dict({**self.model, "num_items": num_items, "num_item_features": num_item_features})
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": asdict(self.data), "model": dict(self.model),
@@ -358,8 +365,9 @@ def build_config(values: Mapping[str, Any]) -> ExperimentConfig:
         _build(SyntheticConfig, "data.synthetic", synthetic)  # validate now, not at load time
     model_values = dict(values.get("model", {}))
     _build(ModelConfig, "model", {"num_items": 1, **model_values})  # validate all but num_items
-    if "num_items" in model_values:
-        raise ValueError("model.num_items is taken from the data; do not set it")
+    for derived in ("num_items", "num_item_features"):
+        if derived in model_values:
+            raise ValueError(f"model.{derived} is taken from the data; do not set it")
     return ExperimentConfig(
         data=DataConfig(**{**asdict(_build(DataConfig, "data", data_values)), "synthetic": dict(synthetic)}),
         model=model_values,
@@ -400,7 +408,8 @@ def flwr_app_config() -> dict[str, Any]:
     from core_model.synthetic import SyntheticConfig
 
     defaults = ExperimentConfig().to_dict()
-    defaults["model"] = {k: v for k, v in asdict(ModelConfig(num_items=1)).items() if k != "num_items"}
+    defaults["model"] = {k: v for k, v in asdict(ModelConfig(num_items=1)).items()
+                         if k not in ("num_items", "num_item_features")}
     defaults["data"]["synthetic"] = asdict(SyntheticConfig())
     flat: dict[str, Any] = {}
 

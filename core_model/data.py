@@ -852,7 +852,7 @@ def read_movielens_1m(directory: PathLike) -> InteractionLog:
     ``user_attributes``: ``"zip"``, ``"region"`` (:func:`region_of_zip`; counts in
     ``report.notes``), ``"gender"``, ``"age"`` (the ML-1M age-group code), ``"occupation"``
     (code), ``"movielens_id"``. ``item_features``: ``"title"``, ``"genres"`` (``"A|B"``),
-    ``"movielens_id"``.
+    ``"year"`` (:func:`title_year`), ``"movielens_id"``.
 
     Raises
     ------
@@ -911,6 +911,7 @@ def read_movielens_1m(directory: PathLike) -> InteractionLog:
     log.item_features = {
         "title": [""] + [f[1] for _, f in item_rows],
         "genres": [""] + [f[2].strip() for _, f in item_rows],
+        "year": [""] + [title_year(f[1]) for _, f in item_rows],
         "movielens_id": [""] + [str(o) for o, _ in item_rows],
     }
     _merge_removed(report, aux)
@@ -920,6 +921,15 @@ def read_movielens_1m(directory: PathLike) -> InteractionLog:
                         f"{len(movies_dat) - len(item_rows)} movies of {movies_path.name} "
                         "are not in the SASRec file (fewer than 5 ratings)")
     return log
+
+
+_TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def title_year(title: str) -> str:
+    """The release year a MovieLens title ends with (``"Heat (1995)"`` -> ``"1995"``); ``""`` if none."""
+    found = _TITLE_YEAR.search(title)
+    return found.group(1) if found else ""
 
 
 def _id_mapping(path: Path, report: LoadReport) -> dict[int, tuple[int, int]]:
@@ -979,7 +989,8 @@ def read_movielens_100k(directory: PathLike) -> InteractionLog:
     ``"region"`` (:func:`region_of_zip`; the few Canadian postal codes are
     :data:`OTHER_REGION`; counts in ``report.notes``), ``"gender"``, ``"age"`` (years),
     ``"occupation"``. ``item_features`` from ``u.item`` (latin-1, ``|``-separated, 5 fields
-    then one 0/1 flag per genre of ``u.genre``): ``"title"`` and ``"genres"`` (``"A|B"``).
+    then one 0/1 flag per genre of ``u.genre``): ``"title"``, ``"genres"`` (``"A|B"``) and ``"year"``
+    (:func:`title_year`).
 
     Raises
     ------
@@ -1038,7 +1049,7 @@ def read_movielens_100k(directory: PathLike) -> InteractionLog:
                             f"got {flags[bad]!r}")
         titles.append(f[1])
         genre_strings.append("|".join(g for g, v in zip(genres, flags) if v == "1"))
-    log.item_features = {"title": titles, "genres": genre_strings}
+    log.item_features = {"title": titles, "genres": genre_strings, "year": [title_year(t) for t in titles]}
     _merge_removed(report, aux)
     report.notes.append(_region_note(log.user_attributes["region"]))
     if len(user_recs) != len(users) or len(item_recs) != len(items):

@@ -78,6 +78,14 @@ class ModelConfig:
     attn_output_dropout
         Dropout on the attention output before the residual sum (True); the reference code has
         none there (False), only on the attention weights.
+    item_features
+        Comma-separated names of public catalogue features (``"genres,year"``; empty: none) whose
+        matrix (``core_model/features.py``) the model reads: an item's input vector adds
+        ``W_in f_i`` to its id embedding and its score adds ``h . W_out^T f_i``, with ``W_in`` (d, F)
+        and ``W_out`` (F, d) learned. The matrix is a buffer, public and constant: it is saved with
+        checkpoints but never sent in a model update (:meth:`SASRec.shareable_state`).
+    num_item_features
+        F, the matrix's column count; set from the catalogue (``ExperimentConfig.model_config``).
     """
 
     num_items: int
@@ -95,6 +103,13 @@ class ModelConfig:
     tie_weights: bool = True
     attn_init: str = "normal"
     attn_output_dropout: bool = True
+    item_features: str = ""
+    num_item_features: int = 0
+
+    @property
+    def item_feature_names(self) -> tuple[str, ...]:
+        """``item_features`` as a tuple of names."""
+        return tuple(n.strip() for n in self.item_features.split(",") if n.strip())
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,6 +127,10 @@ class ModelConfig:
             ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
             ("num_negatives", self.num_negatives >= 1, ">= 1"),
             ("attn_init", self.attn_init in ("normal", "xavier"), "'normal' or 'xavier'"),
+            ("item_features", isinstance(self.item_features, str)
+             and all(n.strip() for n in self.item_features.split(",")) if self.item_features else True,
+             "comma-separated catalogue feature names such as 'genres,year' (or '' for none)"),
+            ("num_item_features", isinstance(self.num_item_features, int) and self.num_item_features >= 0, ">= 0"),
         ]
         check_fields(self, checks)
 
@@ -226,6 +245,17 @@ class SASRec(nn.Module):
         self.target_emb = None if config.tie_weights else nn.Embedding(config.num_items + 1, d, padding_idx=0)
         self.output = nn.Linear(d, config.num_items + 1, bias=False)
         self.output.weight = self._targets().weight
+        if config.item_feature_names:
+            if config.num_item_features < 1:
+                raise ValueError(f"model.item_features={config.item_features!r} needs the catalogue's feature "
+                                 "matrix: build the config with ExperimentConfig.model_config(num_items, "
+                                 "num_item_features) (got num_item_features=0)")
+            n_feat = config.num_item_features
+            self.register_buffer("item_feature_matrix", torch.zeros(config.num_items + 1, n_feat))
+            self.feat_in = nn.Linear(n_feat, d, bias=False)
+            self.feat_out = nn.Linear(d, n_feat, bias=False)
+        else:
+            self.feat_in = self.feat_out = None
         self.packed = True
         self.apply(self._init_weights)
         if config.attn_init == "xavier":
@@ -247,14 +277,32 @@ class SASRec(nn.Module):
     def _targets(self) -> nn.Embedding:
         return self.item_emb if self.target_emb is None else self.target_emb
 
+    def set_item_features(self, matrix: torch.Tensor | Any) -> None:
+        """Load the public catalogue feature matrix (num_items + 1, num_item_features); row 0 must be zero."""
+        if self.feat_in is None:
+            raise ValueError("this model has no model.item_features; it takes no feature matrix")
+        m = torch.as_tensor(matrix, dtype=torch.float32)
+        expected = tuple(self.item_feature_matrix.shape)
+        if tuple(m.shape) != expected:
+            raise ValueError(f"item feature matrix has shape {tuple(m.shape)}, this model expects {expected} "
+                             f"(num_items + 1, num_item_features) for model.item_features="
+                             f"{self.config.item_features!r}")
+        if bool(m[0].abs().sum() > 0):
+            raise ValueError("item feature matrix row 0 (the padding item) must be zero")
+        with torch.no_grad():
+            self.item_feature_matrix.copy_(m.to(self.item_feature_matrix.device))
+
     def shareable_state(self) -> dict[str, torch.Tensor]:
         """The state dict with each tied tensor once (``output.weight`` is ``item_emb.weight``), float32, CPU.
 
         This is what travels between clients and server; :meth:`load_shareable_state` restores it.
+        The public catalogue feature matrix is not in it (every party builds it from the catalogue).
         """
         out: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name, tensor in self.state_dict().items():
+            if name == "item_feature_matrix":
+                continue
             if tensor.data_ptr() in seen:
                 continue
             seen.add(tensor.data_ptr())
@@ -288,7 +336,10 @@ class SASRec(nn.Module):
             pos = torch.arange(T - 1, -1, -1, device=inputs.device).expand(B, T).contiguous()  # (B, T)
         else:
             pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) k-th real item -> k
-        x = self.item_emb(inputs) * math.sqrt(self.config.d_model) + self.pos_emb(pos)  # (B, T, d)
+        x = self.item_emb(inputs)  # (B, T, d)
+        if self.feat_in is not None:
+            x = x + self.feat_in(self.item_feature_matrix[inputs])  # (B, T, d)
+        x = x * math.sqrt(self.config.d_model) + self.pos_emb(pos)  # (B, T, d)
         x = self.emb_drop(x) * real.unsqueeze(-1)  # (B, T, d)
         causal = torch.ones(T, T, dtype=torch.bool, device=inputs.device).tril()  # (T, T)
         eye = torch.eye(T, dtype=torch.bool, device=inputs.device)  # (T, T)
@@ -307,7 +358,7 @@ class SASRec(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h = self.encode(inputs)  # (B, T, d)
         if targets is None:
-            logits = self.output(h[:, -1, :])[:, 1:]  # (B, V)
+            logits = self._full_scores(h[:, -1, :])[:, 1:]  # (B, V)
             return logits, None
         if targets.shape != h.shape[:2]:
             targets = targets[:, -h.shape[1]:]
@@ -319,6 +370,20 @@ class SASRec(nn.Module):
         else:
             loss = self._bce_loss(h, targets, valid, negatives)
         return None, loss
+
+    def _full_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., V + 1): every item's score, the catalogue-feature part included."""
+        logits = self.output(h)
+        if self.feat_out is not None:
+            logits = logits + self.feat_out(h).to(logits.dtype) @ self.item_feature_matrix.T.to(logits.dtype)
+        return logits
+
+    def _item_vectors_scores(self, h: torch.Tensor, ids: torch.Tensor, einsum: str) -> torch.Tensor:
+        """Scores of ``ids`` against ``h`` with ``einsum`` ("btd,btd->bt" or "btd,bkd->btk")."""
+        scores = torch.einsum(einsum, h, self._targets()(ids))
+        if self.feat_out is not None:
+            scores = scores + torch.einsum(einsum.replace("d", "f"), self.feat_out(h), self.item_feature_matrix[ids])
+        return scores
 
     @staticmethod
     def _per_user_mean(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -335,11 +400,11 @@ class SASRec(nn.Module):
         # third of the step on CPU.
         if self.packed:
             rows = valid.nonzero(as_tuple=True)
-            logits = self.output(h[rows]).float()  # (N, V + 1)
+            logits = self._full_scores(h[rows]).float()  # (N, V + 1)
             ce = F.cross_entropy(logits, targets[rows], reduction="none")  # (N,)
             weight = 1.0 / valid.sum(dim=1).clamp(min=1).to(ce.dtype)  # (B,)
             return (ce * weight[rows[0]]).sum() / B
-        logits = self.output(h).float()  # (B, T, V + 1)
+        logits = self._full_scores(h).float()  # (B, T, V + 1)
         ce = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
         return self._per_user_mean(ce, valid)
 
@@ -348,8 +413,8 @@ class SASRec(nn.Module):
     ) -> torch.Tensor:
         if negatives is None or negatives.dim() != 2 or negatives.shape[0] != h.shape[0]:
             raise ValueError("loss='sampled' needs negatives of shape (B, num_negatives)")
-        pos = (h * self._targets()(targets)).sum(-1, keepdim=True)  # (B, T, 1)
-        neg = torch.einsum("btd,bkd->btk", h, self._targets()(negatives))  # (B, T, K)
+        pos = self._item_vectors_scores(h, targets, "btd,btd->bt").unsqueeze(-1)  # (B, T, 1)
+        neg = self._item_vectors_scores(h, negatives, "btd,bkd->btk")  # (B, T, K)
         hit = negatives.unsqueeze(1) == targets.unsqueeze(-1)  # (B, T, K): a negative equal to the target
         neg = neg.masked_fill(hit, float("-inf"))
         logits = torch.cat([pos, neg], dim=-1)  # (B, T, 1 + K)
@@ -361,8 +426,8 @@ class SASRec(nn.Module):
     ) -> torch.Tensor:
         if negatives is None or negatives.shape != targets.shape:
             raise ValueError("loss='bce' needs negatives of shape (B, T), one per position")
-        pos = (h * self._targets()(targets)).sum(-1)  # (B, T)
-        neg = (h * self._targets()(negatives)).sum(-1)  # (B, T)
+        pos = self._item_vectors_scores(h, targets, "btd,btd->bt")  # (B, T)
+        neg = self._item_vectors_scores(h, negatives, "btd,btd->bt")  # (B, T)
         bce = F.softplus(-pos) + F.softplus(neg)  # -log sigmoid(pos) - log(1 - sigmoid(neg))
         return self._per_user_mean(bce, valid)
 

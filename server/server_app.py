@@ -36,7 +36,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from core_model.config import ExperimentConfig, FederationConfig, config_from_run_config
 from core_model.data import Vocabulary
+from core_model.features import FEATURES_RECORD, build_model
 from core_model.model import SASRec
 from core_model.train import cosine_to_tenth, save_checkpoint
 from privacy import PRIVACY_DECLINED
@@ -181,11 +182,14 @@ class RoundLoop:
     def __init__(self, config: ExperimentConfig, *, run_dir: Path, items: Vocabulary,
                  item_titles: list[str] | None = None, num_clients: int | None = None,
                  every_round_needs_all: bool = True,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 item_features: Mapping[str, Sequence[str]] | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.items = items
         self.item_titles = item_titles
+        self.item_features = item_features
+        self.features_record: ArrayRecord | None = None
         self.num_clients = num_clients
         self.every_round_needs_all = every_round_needs_all
         self.on_round = on_round
@@ -205,7 +209,9 @@ class RoundLoop:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.receipts = ReceiptLog(self.run_dir / RECEIPTS)
         torch.manual_seed(fed.seed)
-        model = SASRec(self.config.model_config(len(self.items)))
+        model = build_model(self.config, len(self.items), self.item_features)
+        if model.feat_in is not None:  # the public catalogue features travel with every message
+            self.features_record = ArrayRecord({"matrix": model.item_feature_matrix.detach().clone()})
         # a simulation's rounds wait for every client; a deployment's go on with the nodes that are up
         strategy = build_strategy(fed, num_clients=self.num_clients if self.every_round_needs_all else None)
         ckpt_path = self.run_dir / CHECKPOINT
@@ -236,7 +242,7 @@ class RoundLoop:
         record: dict[str, Any] = {"round": rnd}
         round_config = ConfigRecord({"local-epochs": fed.local_epochs, "lr": client_lr(self.config, rnd)})
         record["lr"] = float(round_config["lr"])
-        messages = list(strategy.configure_train(rnd, arrays, round_config, grid))
+        messages = self._with_features(strategy.configure_train(rnd, arrays, round_config, grid))
         if self.config.privacy.secure_aggregation_enabled:
             replies, trained, declined = self._secure_train(grid, rnd, messages, arrays, record)
         else:
@@ -266,7 +272,7 @@ class RoundLoop:
             record["users_trained"] = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies
                                               if not r.has_error()))
         if rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds:
-            eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid))
+            eval_msgs = self._with_features(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid))
             eval_replies = list(grid.send_and_receive(eval_msgs, timeout=fed.round_timeout))
             metrics = strategy.aggregate_evaluate(rnd, eval_replies)
             if metrics is not None:
@@ -278,6 +284,14 @@ class RoundLoop:
         if self.on_round is not None:
             self.on_round(record)
         return arrays
+
+    def _with_features(self, messages: Iterable[Message]) -> list[Message]:
+        """``messages``, each with the catalogue feature matrix when the model reads one."""
+        out = list(messages)
+        if self.features_record is not None:
+            for m in out:
+                m.content[FEATURES_RECORD] = self.features_record
+        return out
 
     def _plain_train(self, grid: Grid, rnd: int, messages: list[Message],
                      record: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
@@ -339,7 +353,8 @@ class RoundLoop:
 def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | None = None,
                     items: Vocabulary | None = None, item_titles: list[str] | None = None,
                     num_clients: int | None = None,
-                    on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+                    on_round: Callable[[dict[str, Any]], None] | None = None,
+                    item_features: Mapping[str, Sequence[str]] | None = None) -> ServerApp:
     """A ServerApp bound to a config and run directory (simulation runner), or reading the run config."""
     app = ServerApp()
 
@@ -347,6 +362,7 @@ def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | N
     def main(grid: Grid, context: Context) -> None:
         cfg = config or config_from_run_config(context.run_config)
         catalogue, titles, expected, every_round_needs_all = items, item_titles, num_clients, True
+        features = item_features
         if catalogue is None and cfg.data.catalogue:  # deployment: the public catalogue; the data stays on the nodes
             from core_model.pipeline import read_catalogue
             catalogue = read_catalogue(cfg.data.catalogue)
@@ -355,14 +371,14 @@ def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | N
         elif catalogue is None:  # `flwr run`: the item catalogue is public; read it from the data source
             from simulations.clients import load_federation
             log, _, partition = load_federation(cfg)
-            catalogue, titles = log.items, log.item_features.get("title")
+            catalogue, titles, features = log.items, log.item_features.get("title"), log.item_features
             # every client of the partition must be there: rounds wait for all of them rather than
             # leave some clients' users out without a word
             expected = partition.num_clients
         out = run_dir or Path(cfg.federation.run_dir or Path("runs") / time.strftime("flwr-%Y%m%d-%H%M%S"))
         RoundLoop(cfg, run_dir=out, items=catalogue, item_titles=titles, num_clients=expected,
                   every_round_needs_all=every_round_needs_all,
-                  on_round=on_round).run(grid)
+                  on_round=on_round, item_features=features).run(grid)
 
     return app
 

@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from core_model.evaluate import Popularity, evaluate_ranking
-    from core_model.model import SASRec
+    from core_model.features import build_model
     from core_model.pipeline import load_log, split_log
     from core_model.train import evaluate_model, fit, resolve_precision, select_device
 
@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (out / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
-    model = SASRec(cfg.model_config(log.num_items))
+    model = build_model(cfg, log.num_items, log.item_features)
     device = select_device(cfg.train.device)
     print(f"model: SASRec, {model.num_parameters():,} parameters, loss={model.config.loss}, "
           f"device={device}, precision={resolve_precision(cfg.train.precision, device)}; run directory {out}")

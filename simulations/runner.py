@@ -128,6 +128,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                 partition.scheme, min(partition.sizes()), max(partition.sizes()))
     server_app = make_server_app(config, run_dir=run_dir, items=log.items,
                                  item_titles=log.item_features.get("title"), num_clients=partition.num_clients,
+                                 item_features=log.item_features,
                                  on_round=on_round)
     client_app = client_app or make_client_app(config)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -35,6 +35,8 @@ def test_parse_override_values():
     (["data.kind=csv"], "data.kind must be one of"),
     (["data.kind=ml-1m"], "data.path is required for data.kind='ml-1m'"),
     (["model.num_items=5"], "model.num_items is taken from the data"),
+    (['model.item_features="genres"', 'data.catalogue="items.txt"'],
+     "model.item_features='genres' is not available in a deployment yet: data.catalogue='items.txt'"),
     (["model.loss=mse"], "loss must be one of"),
     (["eval.sampled=3"], "eval.sampled must be bool, got 3"),
     (["data.synthetic.num_users=0"], "num_users must be >= 1, got 0"),

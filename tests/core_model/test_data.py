@@ -342,6 +342,7 @@ def test_movielens_1m_join(tmp_path):
                      "movielens_id": ["20", "10"]}
     assert log.item_features["title"] == ["", "Toy Story (1995)", "Amélie (2001)", "Heat (1995)"]
     assert log.item_features["genres"] == ["", "Animation", "Comedy|Romance", "Action"]
+    assert log.item_features["year"] == ["", "1995", "2001", "1995"]
     assert log.item_features["movielens_id"] == ["", "300", "100", "200"]
     assert any("0=1, other=1" in n for n in log.report.notes)
     assert load_dataset("ml-1m", ml1m_folder(tmp_path)).items == log.items
@@ -434,6 +435,7 @@ def test_movielens_100k(tmp_path, gz):
                      "occupation": ["technician", "other"]}
     assert log.item_features["title"] == ["", "Toy Story (1995)", "Heat (1995)", "Café (1996)"]
     assert log.item_features["genres"] == ["", "Comedy", "Action|Comedy", "unknown"]
+    assert log.item_features["year"] == ["", "1995", "1995", "1996"]
     assert log.report.rows_read == 5
     assert log.report.removed == {"blank lines at the end of u.genre": 1}
 
