@@ -35,7 +35,10 @@ def test_features_travel_from_the_server_and_are_trained_but_never_sent_back(tmp
         shared[record["round"]] = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
 
     results = simulate(cfg, run, on_round=on_round)
-    assert [r["aggregated"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [True] * 2
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["aggregated"] for r in rounds] == [True] * 2
+    # the clients' evaluation rebuilds the model from the evaluate message's feature record too
+    assert rounds[-1]["eval_clients_failed"] == 0 and rounds[-1]["test_ndcg@10"] > 0
     assert all("item_feature_matrix" not in state for state in shared.values())  # never in an update
     assert not torch.equal(shared[1]["feat_out.weight"], shared[2]["feat_out.weight"])  # trained
     model, _ = load_checkpoint(run / "model.pt")
