@@ -8,8 +8,10 @@ run directory) and its data, counts each item's training interactions, and print
 the item embeddings in bands of that count; the share of the top-10 slots (first ``--users`` test
 histories) that go to items seen fewer than 20 / 100 / 300 times; and validation NDCG@10 / HR@10 as
 is, with items seen fewer than ``c`` times masked out of the ranking, and with their embeddings also
-replaced by the mean of the others. The counts use the training data and serve this diagnosis only;
-nothing here is released by a client.
+replaced by the mean of the others. For a model with ``model.item_features`` it also prints how
+large the catalogue-feature part of the item vectors is and validation with that part taken out of
+the score. The counts use the training data and serve this diagnosis only; nothing here is released
+by a client.
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def main() -> int:
         return f"NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}"
 
     print(f"validation as is: {valid(model.score)}")
+    if model.feat_out is not None:  # model.item_features: how much of the score the catalogue part carries
+        side = (model.item_feature_matrix @ model.feat_out.weight)[1:].norm(dim=1)  # (V,) feature vector norms
+        print(f"catalogue features ({model.config.item_features}): median norm of an item's output-side feature "
+              f"vector {side.median():.3f} (id embedding: {np.median(norms):.3f}); projection norms in "
+              f"{model.feat_in.weight.norm():.2f}, out {model.feat_out.weight.norm():.2f}")
+        saved = model.feat_out.weight.detach().clone()
+        with torch.no_grad():
+            model.feat_out.weight.zero_()
+        print(f"validation with the output-side features off (id embeddings only in the score): {valid(model.score)}")
+        with torch.no_grad():
+            model.feat_out.weight.copy_(saved)
     for c in args.rare:
         rare = torch.from_numpy(counts < c)
 
