@@ -251,4 +251,16 @@ def test_supervisor_ends_what_the_child_left_behind(tmp_path):
     assert sup.run() == 305
     assert time.monotonic() - t0 < 20
     helper = int((tmp_path / "helper.pid").read_text())
-    assert not psutil.pid_exists(helper) or psutil.Process(helper).status() == psutil.STATUS_ZOMBIE
+
+    def gone() -> bool:
+        try:
+            return not psutil.pid_exists(helper) or psutil.Process(helper).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    # the group was signalled when the child exited; dying takes the helper a moment (it would
+    # sleep 60 s if nobody signalled it)
+    deadline = time.monotonic() + 5
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone()
