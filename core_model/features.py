@@ -61,7 +61,7 @@ def catalogue_features(item_features: Mapping[str, Sequence[str]], names: Sequen
     if repeated:
         raise ValueError(f"model.item_features names {repeated} more than once")
     columns: list[str] = []
-    per_item: list[list[tuple[str, list[str]]]] = [[] for _ in range(num_items + 1)]
+    blocks: list[tuple[dict[str, int], list[list[str]]]] = []  # per feature: token -> column, items' tokens
     for name in names:
         base, width = _bucketing(name)
         if base not in item_features:
@@ -80,17 +80,16 @@ def catalogue_features(item_features: Mapping[str, Sequence[str]], names: Sequen
                                      f"{base!r} is {bad!r}")
                 item_tokens[i] = [str(int(t) // width * width) for t in tokens]
         tokens = sorted({t for ts in item_tokens[1:] for t in ts}, key=lambda t: (len(t), t) if width else t)
+        blocks.append(({t: len(columns) + k for k, t in enumerate(tokens)}, item_tokens))
         columns.extend(f"{name}={t}" for t in tokens)
-        for i in range(1, num_items + 1):
-            per_item[i].append((name, item_tokens[i]))
     if not columns:
         raise ValueError(f"no item has a value for model.item_features {names}: the matrix would be all zero")
-    index = {c: k for k, c in enumerate(columns)}
     matrix = np.zeros((num_items + 1, len(columns)), dtype=np.float32)
-    for i in range(1, num_items + 1):
-        for name, tokens in per_item[i]:
-            for t in set(tokens):
-                matrix[i, index[f"{name}={t}"]] += 1.0 / len(set(tokens))
+    for column_of, item_tokens in blocks:
+        for i, tokens in enumerate(item_tokens[1:], start=1):
+            distinct = set(tokens)
+            for t in distinct:
+                matrix[i, column_of[t]] = 1.0 / len(distinct)
     return CatalogueFeatures(matrix=matrix, columns=tuple(columns))
 
 

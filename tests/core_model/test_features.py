@@ -43,7 +43,7 @@ def test_plain_categorical_year_has_one_column_per_value():
     (["year/0"], "'year/0': expected 'feature/width'"),
 ])
 def test_bad_feature_names_are_clear_errors(names, needle):
-    with pytest.raises(ValueError, match=None) as err:
+    with pytest.raises(ValueError) as err:
         catalogue_features(CATALOGUE, names, 4)
     assert needle in str(err.value)
 
