@@ -108,6 +108,8 @@ def main() -> int:
         "name": args.name, "dataset": args.dataset, "overrides": args.overrides, "config": cfg.to_dict(),
         "partition": json.loads((run_dir / "partition.json").read_text()),
         "test": results["test"], "popularity_test": results["popularity_test"],
+        # federation.server_ema: "test" is the served moving average; this is the last iterate
+        **{k: results[k] for k in ("served_weights", "test_last_iterate") if k in results},
         "rounds": results["rounds"], "clients": results["clients"], "wall_minutes": wall / 60,
         "median_seconds_per_round": statistics.median(seconds[1:] or seconds),
         "first_round_seconds": seconds[0] if seconds else None,
@@ -119,6 +121,9 @@ def main() -> int:
     print(f"{args.name}: test NDCG@10 {results['test']['ndcg@10']:.4f} HR@10 {results['test']['hr@10']:.4f} after "
           f"{results['rounds']} rounds, {results['clients']} clients; {out['median_seconds_per_round']:.1f} s/round; "
           f"peak RSS {out['peak_rss_gb_all_processes']:.2f} GB; {wall / 60:.1f} min -> {target}")
+    if "test_last_iterate" in results:
+        print(f"  ({results['served_weights']}; the last iterate: NDCG@10 "
+              f"{results['test_last_iterate']['ndcg@10']:.4f} HR@10 {results['test_last_iterate']['hr@10']:.4f})")
     return 0
 
 

@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                "noise_multiplier_range": [min(c["noise_multiplier"] for c in clients.values()),
                                           max(c["noise_multiplier"] for c in clients.values())],
                "rounds": results["rounds"], "test": results["test"], "wall_minutes": wall / 60,
+               **{k: results[k] for k in ("served_weights", "test_last_iterate") if k in results},
                "reused": eps in existing,
                "clients": clients, "run_dir": str(run_dir)}
         rows.append(row)
@@ -199,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
               f"spent epsilon <= {row['epsilon_max']:.3f} at delta <= {row['delta_max']:.2e} "
               f"({row['accountant'].upper()}, user-level, max over clients); noise "
               f"{row['noise_multiplier_range'][0]:.3f}-{row['noise_multiplier_range'][1]:.3f}; "
-              f"{wall / 60:.1f} min", flush=True)
+              f"{wall / 60:.1f} min" + (f"; {results['served_weights']}, the last iterate: NDCG@10 "
+                                        f"{results['test_last_iterate']['ndcg@10']:.4f}"
+                                        if "test_last_iterate" in results else ""), flush=True)
     command = sys.argv if argv is None else ["benchmarks/privacy_utility.py", *argv]
     out = {"name": args.name, "dataset": args.dataset, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(command), "unit_of_privacy": "one user's whole history at their client",

@@ -103,6 +103,14 @@ class FederationConfig:
       server's own learning rate follows ``server_lr_schedule``: ``"constant"`` or ``"cosine"``
       (from ``server_lr`` in round 1 to 10 % of it in the last round).
 
+    ``server_ema`` (0: off): the server also keeps an exponential moving average of the global
+    weights over the rounds, ``a_t = server_ema * a_(t-1) + (1 - server_ema) * w_t``, divided by
+    ``1 - server_ema ** t`` so that it is a weighted mean of the rounds' models and not pulled
+    towards zero (Adam's bias correction). The clients always train from the last iterate
+    ``w_t``; the average is what the server serves and evaluates (``model.pt``; the last iterate
+    is then ``model-last.pt``). It only post-processes models the server already holds, so it costs
+    no privacy; under DP-SGD it averages out part of the noise the rounds added.
+
     Partitions (``simulations/partition.py``): ``attribute`` (one client per value of the user
     attribute ``partition_attribute``, e.g. ``region``, ``community``), ``group`` (a user's most
     frequent interaction group, e.g. merchant), ``iid``, ``dirichlet-size`` and ``dirichlet-label``
@@ -127,6 +135,7 @@ class FederationConfig:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     server_lr_schedule: str = "constant"
+    server_ema: float = 0.0
     partition: str = "attribute"
     partition_attribute: str = "region"
     num_clients: int = 0
@@ -152,6 +161,7 @@ class FederationConfig:
             ("server_beta1", 0 <= self.server_beta1 < 1, "in [0, 1)"),
             ("server_beta2", 0 <= self.server_beta2 < 1, "in [0, 1)"),
             ("server_tau", self.server_tau > 0, "> 0"),
+            ("server_ema", 0 <= self.server_ema < 1, "in [0, 1) (0: off)"),
             ("partition", self.partition in PARTITIONS, f"one of {PARTITIONS}"),
             ("num_clients", self.num_clients >= 0, ">= 0"),
             ("num_clients", self.partition in ("attribute", "group") or self.num_clients >= 1,

@@ -84,6 +84,10 @@ class ModelConfig:
         ``W_in f_i`` to its id embedding and its score adds ``h . W_out^T f_i``, with ``W_in`` (d, F)
         and ``W_out`` (F, d) learned. The matrix is a buffer, public and constant: it is saved with
         checkpoints but never sent in a model update (:meth:`SASRec.shareable_state`).
+    item_features_side
+        Where the catalogue features enter: ``"both"`` (input vectors and scores, above) or
+        ``"input"`` (input vectors only: items are scored by their id embeddings alone, so the
+        ranking within a genre and period cannot lean on the feature part; ``W_out`` is absent).
     num_item_features
         F, the matrix's column count; set from the catalogue (``ExperimentConfig.model_config``).
     """
@@ -104,6 +108,7 @@ class ModelConfig:
     attn_init: str = "normal"
     attn_output_dropout: bool = True
     item_features: str = ""
+    item_features_side: str = "both"
     num_item_features: int = 0
 
     @property
@@ -130,6 +135,7 @@ class ModelConfig:
             ("item_features", isinstance(self.item_features, str)
              and all(n.strip() for n in self.item_features.split(",")) if self.item_features else True,
              "comma-separated catalogue feature names such as 'genres,year' (or '' for none)"),
+            ("item_features_side", self.item_features_side in ("both", "input"), "'both' or 'input'"),
             ("num_item_features", isinstance(self.num_item_features, int) and self.num_item_features >= 0, ">= 0"),
         ]
         check_fields(self, checks)
@@ -253,7 +259,7 @@ class SASRec(nn.Module):
             n_feat = config.num_item_features
             self.register_buffer("item_feature_matrix", torch.zeros(config.num_items + 1, n_feat))
             self.feat_in = nn.Linear(n_feat, d, bias=False)
-            self.feat_out = nn.Linear(d, n_feat, bias=False)
+            self.feat_out = nn.Linear(d, n_feat, bias=False) if config.item_features_side == "both" else None
         else:
             self.feat_in = self.feat_out = None
         self.packed = True

@@ -11,11 +11,12 @@ resume); each round uses the strategy's own ``configure_train`` / ``aggregate_tr
    ``server/secure_aggregation.py``: the clients reply with keys and metrics, then masked updates,
    and the strategy gets one reply carrying the unmasked aggregate (or none: an aborted round,
    recorded as ``secagg_aborted``, keeps the model);
-3. every ``federation.evaluate_every`` rounds, federated evaluation on the clients' test targets
-   (weighted by users);
-4. write ``checkpoint.pt`` (weights, round, strategy state, sampling RNG) atomically, then the
-   round's line in ``metrics.jsonl`` and the ``model.pt`` artifact (servable by ``fedrec
-   recommend``).
+3. with ``federation.server_ema``, fold the new weights into the server's moving average of the
+   rounds' models; every ``federation.evaluate_every`` rounds, federated evaluation on the clients'
+   test targets (weighted by users) of the served model (the average when there is one);
+4. write ``checkpoint.pt`` (weights, moving average, round, strategy state, sampling RNG)
+   atomically, then the round's line in ``metrics.jsonl`` and the ``model.pt`` artifact (the
+   served model, for ``fedrec recommend``; with an average the last iterate is ``model-last.pt``).
 
 Under DP-SGD the clients' replies carry the receipts of their ledger entries; they go to
 ``receipts.jsonl`` as the replies arrive (``server/receipts.py``).
@@ -61,6 +62,52 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+LAST_ITERATE = "model-last.pt"
+
+
+class WeightAverage:
+    """The exponential moving average of the rounds' models, bias-corrected (``federation.server_ema``).
+
+    ``update(w_t)`` folds in round t's weights: ``s_t = decay * s_(t-1) + (1 - decay) * w_t``;
+    ``average()`` is ``s_t / (1 - decay ** t)``, a weighted mean of ``w_1 .. w_t`` with weights
+    proportional to ``decay ** (t - i)``. Kept in float64 so 1,000 rounds add no rounding drift.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"federation.server_ema={decay!r}: expected a decay in (0, 1)")
+        self.decay = decay
+        self.count = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+
+    def update(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.count and set(state) != set(self.sums):
+            raise ValueError(f"weights to average have keys {sorted(state)}, the average has {sorted(self.sums)}")
+        for k, v in state.items():
+            self.dtypes[k] = v.dtype
+            v = v.detach().to(torch.float64)
+            self.sums[k] = (1 - self.decay) * v if not self.count else self.decay * self.sums[k] + (1 - self.decay) * v
+        self.count += 1
+
+    def average(self) -> dict[str, torch.Tensor]:
+        if not self.count:
+            raise ValueError("the moving average has no rounds yet")
+        norm = 1 - self.decay ** self.count
+        return {k: (v / norm).to(self.dtypes.get(k, torch.float32)) for k, v in self.sums.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"decay": self.decay, "count": self.count, "sums": {k: v.clone() for k, v in self.sums.items()}}
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any], decay: float) -> WeightAverage:
+        if float(state["decay"]) != decay:
+            raise ValueError(f"the checkpoint's moving average has decay {state['decay']}, the config's "
+                             f"federation.server_ema is {decay}: resume with the run's own config")
+        avg = cls(decay)
+        avg.count = int(state["count"])
+        avg.sums = {k: v.to(torch.float64) for k, v in state["sums"].items()}
+        return avg
 
 
 def distributed_noise_shortfall(*, in_sum: int, components: int, min_clients: int) -> str:
@@ -194,6 +241,7 @@ class RoundLoop:
         self.every_round_needs_all = every_round_needs_all
         self.on_round = on_round
         self.receipts = ReceiptLog(None)
+        self.average: WeightAverage | None = None
 
     def run(self, grid: Grid) -> dict[str, Any]:
         fed, priv = self.config.federation, self.config.privacy
@@ -216,9 +264,12 @@ class RoundLoop:
         strategy = build_strategy(fed, num_clients=self.num_clients if self.every_round_needs_all else None)
         ckpt_path = self.run_dir / CHECKPOINT
         start = 1
+        self.average = WeightAverage(fed.server_ema) if fed.server_ema else None
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, weights_only=True)
             model.load_shareable_state(ckpt["model"])
+            if self.average is not None and ckpt.get("average") is not None:
+                self.average = WeightAverage.restore(ckpt["average"], fed.server_ema)
             _restore_strategy(strategy, ckpt["strategy"])
             random.setstate(ckpt["random_state"])
             start = ckpt["round"] + 1
@@ -266,13 +317,19 @@ class RoundLoop:
         else:
             arrays = _float32(new_arrays)
             record["aggregated"] = True
+            if self.average is not None:
+                self.average.update(arrays.to_torch_state_dict())
+        served = arrays
+        if self.average is not None and self.average.count:
+            served = ArrayRecord(self.average.average())
+            record["ema_rounds"] = self.average.count
         record["train_seconds"] = time.perf_counter() - t0  # the round without evaluation
         if train_metrics is not None:
             record["train_loss"] = float(train_metrics["train-loss"])
             record["users_trained"] = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies
                                               if not r.has_error()))
         if rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds:
-            eval_msgs = self._with_features(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid))
+            eval_msgs = self._with_features(strategy.configure_evaluate(rnd, served, ConfigRecord({}), grid))
             eval_replies = list(grid.send_and_receive(eval_msgs, timeout=fed.round_timeout))
             metrics = strategy.aggregate_evaluate(rnd, eval_replies)
             if metrics is not None:
@@ -280,7 +337,7 @@ class RoundLoop:
             record["eval_clients_failed"] = sum(1 for r in eval_replies if r.has_error()) + (
                 len(eval_msgs) - len(eval_replies))
         record["seconds"] = time.perf_counter() - t0
-        self._checkpoint(rnd, arrays, strategy, model, record)
+        self._checkpoint(rnd, arrays, strategy, model, record, served=served)
         if self.on_round is not None:
             self.on_round(record)
         return arrays
@@ -335,19 +392,24 @@ class RoundLoop:
         return ([] if reply is None else [reply]), result.trained, result.declined
 
     def _checkpoint(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, model: SASRec,
-                    record: dict[str, Any]) -> None:
+                    record: dict[str, Any], *, served: ArrayRecord) -> None:
         state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         tmp = self.run_dir / (CHECKPOINT + ".tmp")
         torch.save({"round": rnd, "model": state, "strategy": _strategy_state(strategy),
+                    "average": None if self.average is None else self.average.state(),
                     "random_state": random.getstate(), "config": self.config.to_dict()}, tmp)
         tmp.replace(self.run_dir / CHECKPOINT)  # atomic: the round is done once this file says so
         with (self.run_dir / METRICS).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        model.load_shareable_state(state)
+        extra = {"items": self.items.to_dict(), "item_titles": self.item_titles, "round": rnd,
+                 "data_config": self.config.to_dict()["data"], "eval_config": self.config.to_dict()["eval"],
+                 "federation": self.config.to_dict()["federation"]}
+        if served is not arrays:  # the average is served; the last iterate is kept beside it
+            model.load_shareable_state(state)
+            save_checkpoint(self.run_dir / LAST_ITERATE, model, extra={**extra, "weights": "last iterate"})
+        model.load_shareable_state(served.to_torch_state_dict())
         save_checkpoint(self.run_dir / "model.pt", model, extra={
-            "items": self.items.to_dict(), "item_titles": self.item_titles, "round": rnd,
-            "data_config": self.config.to_dict()["data"], "eval_config": self.config.to_dict()["eval"],
-            "federation": self.config.to_dict()["federation"]})
+            **extra, "weights": "moving average" if served is not arrays else "last iterate"})
 
 
 def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | None = None,

@@ -97,7 +97,7 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.server_app import make_server_app
+    from server.server_app import LAST_ITERATE, make_server_app
     from simulations.clients import load_federation
     from simulations.report import plot_rounds
 
@@ -142,11 +142,18 @@ def simulate(config: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     pop = evaluate_ranking(Popularity(split.train, split.num_items), split.test_inputs(), split.test_targets,
                            num_items=split.num_items, max_len=model.config.max_len,
                            exclude_history=config.eval.exclude_history, sampled=config.eval.sampled)
+    if (run_dir / LAST_ITERATE).exists():  # federation.server_ema: model.pt is the average; the last iterate too
+        last, _ = load_checkpoint(run_dir / LAST_ITERATE, device)
+        test_last = evaluate_model(last, split, which="test", exclude_history=config.eval.exclude_history,
+                                   sampled=config.eval.sampled, device=device)
     results = {"test": test, "popularity_test": pop, "rounds": ckpt["round"], "wall_seconds_this_process": wall,
                "clients": partition.num_clients, "data": log.summary(),
                "protocol": "leave-one-out, full ranking, history "
                            f"{'excluded' if config.eval.exclude_history else 'included'}",
                "data_synthetic": config.data.kind == "synthetic"}
+    if (run_dir / LAST_ITERATE).exists():
+        results.update({"served_weights": f"moving average (federation.server_ema={config.federation.server_ema})",
+                        "test_last_iterate": test_last})
     results.update(server_view(config, run_dir))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_rounds(run_dir)

@@ -78,6 +78,24 @@ def test_features_change_the_scores_through_both_projections():
     torch.testing.assert_close(model.score(history), plain.eval().score(history))
 
 
+def test_input_side_only_scores_items_by_their_id_embeddings():
+    cfg = load_config(None, ['model.item_features="genres,year/5"', 'model.item_features_side="input"',
+                             "model.d_model=8", "model.max_len=6", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 4, CATALOGUE).eval()
+    assert model.feat_out is None and set(k for k in model.shareable_state() if k.startswith("feat_")) == {
+        "feat_in.weight"}
+    history = torch.tensor([[0, 0, 1, 2]])
+    plain = SASRec(ModelConfig.from_dict({**model.config.to_dict(), "item_features": "", "num_item_features": 0}))
+    plain.load_shareable_state({k: v for k, v in model.shareable_state().items() if not k.startswith("feat_")})
+    assert not torch.allclose(model.score(history), plain.eval().score(history))  # the input side counts
+    with torch.no_grad():
+        model.feat_in.weight.zero_()
+    torch.testing.assert_close(model.score(history), plain.score(history))
+    with pytest.raises(ValueError, match=r"item_features_side must be 'both' or 'input', got 'output'"):
+        load_config(None, ['model.item_features_side="output"'])
+
+
 def test_matrix_is_saved_with_the_model_but_never_shared():
     model = _model()
     assert "item_feature_matrix" in model.state_dict()

@@ -32,12 +32,13 @@ def batch(loss: str):
     return inputs, targets, neg
 
 
-def build(loss: str, tie: bool, attn_init: str = "normal", features: bool = False) -> SASRec:
+def build(loss: str, tie: bool, attn_init: str = "normal", features: str = "") -> SASRec:
     torch.manual_seed(0)
     model = SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=2, num_heads=2,
                                dropout=0.0, loss=loss, num_negatives=5, tie_weights=tie,
                                attn_init=attn_init, attn_output_dropout=attn_init == "normal",
-                               item_features="genres" if features else "", num_item_features=3 if features else 0))
+                               item_features="genres" if features else "", item_features_side=features or "both",
+                               num_item_features=3 if features else 0))
     if features:  # public catalogue features: a fixed matrix, learned projections in and out
         matrix = torch.rand(V + 1, 3, generator=torch.Generator().manual_seed(5))
         matrix[0] = 0
@@ -57,9 +58,10 @@ def brute_force(model: SASRec, inputs, targets, neg) -> list[dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("loss,tie,attn_init,features", [
-    (loss, tie, "normal", False) for loss in ("ce", "sampled", "bce") for tie in (True, False)
-] + [("ce", True, "xavier", False)]  # the reference code's attention: xavier in-projection, no output dropout
-  + [(loss, True, "normal", True) for loss in ("ce", "sampled", "bce")])  # model.item_features
+    (loss, tie, "normal", "") for loss in ("ce", "sampled", "bce") for tie in (True, False)
+] + [("ce", True, "xavier", "")]  # the reference code's attention: xavier in-projection, no output dropout
+  + [(loss, True, "normal", "both") for loss in ("ce", "sampled", "bce")]  # model.item_features
+  + [("ce", True, "normal", "input")])  # model.item_features_side="input"
 def test_per_user_gradients_match_brute_force(loss, tie, attn_init, features):
     model = build(loss, tie, attn_init, features)
     inputs, targets, neg = batch(loss)
@@ -80,7 +82,7 @@ def test_per_user_gradients_match_brute_force(loss, tie, attn_init, features):
     gsm._close()
 
 
-@pytest.mark.parametrize("loss,features", [("ce", False), ("sampled", False), ("ce", True)])
+@pytest.mark.parametrize("loss,features", [("ce", ""), ("sampled", ""), ("ce", "both")])
 def test_clipped_noise_free_dp_gradient_matches_brute_force(loss, features):
     clip = 0.05  # small enough that every user is clipped
     model = build(loss, tie=True, features=features)

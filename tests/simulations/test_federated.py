@@ -3,7 +3,9 @@
 * 3 clients x 2 rounds: the loss falls, every client succeeds, and the global model equals the
   weighted mean of the clients' updates recomputed by hand (outside Flower) from the same seeds.
 * Resume: a run killed with SIGKILL mid-run and resumed finishes every round exactly once and ends
-  with the same model as an uninterrupted run.
+  with the same model as an uninterrupted run, its moving average of the rounds' models
+  (``federation.server_ema``) included; the average served in ``model.pt`` is the bias-corrected
+  weighted mean of the rounds' models recomputed here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from flwr.app import ConfigRecord
 from client.client_app import client_seed, round_lr
 from core_model.config import load_config
 from core_model.model import SASRec
-from core_model.train import local_train
+from core_model.train import load_checkpoint, local_train
 from server.server_app import client_lr, server_lr
 from simulations.clients import load_federation
 from simulations.runner import simulate
@@ -122,7 +124,8 @@ def test_client_takes_the_servers_lr_and_rejects_a_bad_one():
 
 
 def test_a_run_killed_mid_way_resumes_without_repeating_rounds(tmp_path):
-    args = [f"--set={s}" for s in [*TINY, "federation.num_rounds=6"]]
+    sets = [*TINY, "federation.num_rounds=6", "federation.server_ema=0.5"]
+    args = [f"--set={s}" for s in sets]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", "--out", str(killed), *args],
                             cwd=Path(__file__).resolve().parents[2], start_new_session=True,
@@ -143,18 +146,38 @@ def test_a_run_killed_mid_way_resumes_without_repeating_rounds(tmp_path):
     done_before = len(rounds(killed))
     assert 2 <= done_before < 6, "the kill came too late to test resuming"
 
-    cfg = load_config(None, [*TINY, "federation.num_rounds=6"])
+    cfg = load_config(None, sets)
     simulate(cfg, killed, resume=True)
     assert [r["round"] for r in rounds(killed)] == [1, 2, 3, 4, 5, 6]
 
     straight = tmp_path / "straight"
-    simulate(cfg, straight)
+    iterates = {}
+
+    def on_round(record):
+        iterates[record["round"]] = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
+
+    results = simulate(cfg, straight, on_round=on_round)
     a = torch.load(killed / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
     # replies are aggregated in a canonical order, so the resumed run equals the straight one bit for bit
     for name in a:
         diff = (a[name] - b[name]).abs().max().item()
         assert torch.equal(a[name], b[name]), f"{name}: max abs diff {diff:.2e}"
+    # the served model is the average: the same after the kill and resume, and equal to
+    # sum_i 0.5 ** (6 - i) w_i / (1 - 0.5 ** 6) over the rounds' models w_1 .. w_6
+    served = {run: load_checkpoint(run / "model.pt")[0].shareable_state() for run in (killed, straight)}
+    weights = {i: 0.5 ** (6 - i) * 0.5 / (1 - 0.5 ** 6) for i in range(1, 7)}
+    for name in a:
+        assert torch.equal(served[killed][name], served[straight][name]), name
+        expected = sum(w * iterates[i][name].double() for i, w in weights.items()).float()
+        torch.testing.assert_close(served[straight][name], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(served[straight][name], b[name]), f"{name}: model.pt is the last iterate"
+    last, _ = load_checkpoint(straight / "model-last.pt")
+    for name, value in last.shareable_state().items():
+        assert torch.equal(value, b[name]), f"{name}: model-last.pt is not the last iterate"
+    assert [r["ema_rounds"] for r in rounds(straight)] == [1, 2, 3, 4, 5, 6]
+    assert results["served_weights"] == "moving average (federation.server_ema=0.5)"
+    assert results["test"] != results["test_last_iterate"] and results["test_last_iterate"]["ndcg@10"] > 0
 
 
 def test_resume_errors(tmp_path):

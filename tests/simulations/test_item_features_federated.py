@@ -47,3 +47,5 @@ def test_features_travel_from_the_server_and_are_trained_but_never_sent_back(tmp
     np.testing.assert_allclose(model.item_feature_matrix.numpy(), expected.matrix)
     assert model.config.num_item_features == len(expected.columns)
     assert results["test"]["ndcg@10"] > 0
+    # no federation.server_ema: model.pt is the last iterate and there is no second file
+    assert not (run / "model-last.pt").exists() and "test_last_iterate" not in results
