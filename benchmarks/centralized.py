@@ -66,19 +66,20 @@ def main() -> int:
     run_dir = args.run_dir or ROOT / "runs" / f"bench-{args.dataset}"
     curve: list[dict] = []
 
+    def on_evaluate(evaluated) -> dict:  # the test curve, of the model validation saw (the average with train.ema)
+        test = evaluate_model(evaluated, split, which="test", sampled=False, device=device)
+        return {"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]}
+
     def on_epoch(record: dict) -> None:
         line = {k: record[k] for k in ("epoch", "train_loss", "epoch_seconds", "train_minutes")}
         if "valid_ndcg@10" in record:
-            test = evaluate_model(model, split, which="test", sampled=False, device=device)
-            model.train()
-            line.update({"valid_ndcg@10": record["valid_ndcg@10"], "valid_hr@10": record["valid_hr@10"],
-                         "test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]})
+            line.update({k: record[k] for k in ("valid_ndcg@10", "valid_hr@10", "test_ndcg@10", "test_hr@10")})
         line["wall_minutes"] = (time.perf_counter() - start) / 60
         line["users_per_second"] = record["users_per_second"]
         curve.append(line)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
 
-    result = fit(model, split, cfg.train, run_dir=run_dir, on_epoch=on_epoch,
+    result = fit(model, split, cfg.train, run_dir=run_dir, on_epoch=on_epoch, on_evaluate=on_evaluate,
                  checkpoint_extra={"items": log.items.to_dict(), "data_config": cfg.to_dict()["data"],
                                    "item_titles": log.item_features.get("title")})
     wall = (time.perf_counter() - start) / 60

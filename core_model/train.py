@@ -49,6 +49,9 @@ class TrainConfig:
     ``user_sampling="uniform"`` passes over every user once per epoch; ``"by-length"`` draws users
     with probability proportional to their number of training positions (see
     ``SequenceBatches.shuffled``); for non-private training only (DP-SGD samples users uniformly).
+    ``ema`` (0: off): keep an exponential moving average of the weights, updated after every
+    optimizer step with this decay (``torch.optim.swa_utils``); validation, the kept best weights
+    and the checkpoint are then the average's. Centralized training only (``fit``).
     """
 
     epochs: int = 90
@@ -67,6 +70,7 @@ class TrainConfig:
     length_buckets: bool = True
     user_sampling: str = "uniform"
     num_threads: int | None = None
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +88,7 @@ class TrainConfig:
             ("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
             ("user_sampling", self.user_sampling in ("uniform", "by-length"), "'uniform' or 'by-length'"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1 or None"),
+            ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
         ]
         check_fields(self, checks)
 
@@ -247,13 +252,15 @@ def train_epoch(
     forward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
     proximal_mu: float = 0.0,
     anchor: Sequence[torch.Tensor] | None = None,
+    average: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over all users in random batches; returns mean loss and throughput.
 
     ``forward`` replaces ``model`` for the training forward pass (e.g. a compiled ``model``).
     With ``proximal_mu > 0`` the loss gets FedProx's ``mu / 2 * ||w - anchor||^2`` (Li et al.,
     MLSys 2020), ``anchor`` being the global weights in ``model.parameters()`` order. The
-    reported loss is the recommendation loss alone.
+    reported loss is the recommendation loss alone. ``average`` (``train.ema``) is updated after
+    every optimizer step.
     """
     if proximal_mu > 0 and anchor is None:
         raise ValueError("proximal_mu > 0 needs the anchor (global) weights")
@@ -279,6 +286,8 @@ def train_epoch(
         else:
             loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update_parameters(model)
         loss_value = float(loss.detach())
         total += loss_value * len(rows)
         users += len(rows)
@@ -392,11 +401,15 @@ def fit(
     checkpoint_extra: dict[str, Any] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_evaluate: Callable[[SASRec], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train with validation-based early stopping; keep (and checkpoint) the best weights.
 
     Writes ``metrics.jsonl`` (one JSON object per epoch) and ``model.pt`` (best weights) into
     ``run_dir`` when it is given. Returns a summary with the best validation metrics.
+    ``on_evaluate(model)`` is called after each validation with the evaluated model (the moving
+    average with ``train.ema``); what it returns is added to that epoch's record (benchmarks use it
+    for a test curve; the best epoch is chosen on validation alone).
     """
     device = select_device(config.device)
     if config.num_threads:
@@ -416,10 +429,16 @@ def fit(
     bad_evals, train_seconds, epoch = 0, 0.0, 0
     stop_reason = "epochs"
     forward = compiled_forward(model) if config.compile else model
+    average = None
+    if config.ema:  # evaluated, kept and saved instead of the raw weights
+        average = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    served = model if average is None else average.module
     try:
         for epoch in range(1, config.epochs + 1):
             stats = train_epoch(model, batches, optimizer, config=config, epoch=epoch - 1, rng=rng,
-                                generator=generator, device=device, on_step=on_step, forward=forward)
+                                generator=generator, device=device, on_step=on_step, forward=forward,
+                                average=average)
             train_seconds += stats["seconds"]
             record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"],
                                       "epoch_seconds": stats["seconds"],
@@ -427,14 +446,17 @@ def fit(
                                       "train_minutes": train_seconds / 60}
             out_of_time = config.max_minutes is not None and train_seconds >= config.max_minutes * 60
             if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
-                valid = evaluate_model(model, split, which="valid", sampled=False, device=device)
+                valid = evaluate_model(served, split, which="valid", sampled=False, device=device)
                 record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
+                if on_evaluate is not None:
+                    record.update(on_evaluate(served))
+                    model.train()
                 if record["valid_ndcg@10"] > best["valid_ndcg@10"]:
                     best = {"epoch": epoch, **{k: v for k, v in record.items() if k.startswith("valid_")}}
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone() for k, v in served.state_dict().items()}
                     bad_evals = 0
                     if run_dir is not None:
-                        save_checkpoint(run_dir / "model.pt", model,
+                        save_checkpoint(run_dir / "model.pt", served,
                                         extra={**(checkpoint_extra or {}), "train_config": config.to_dict(),
                                                "best": best})
                 else:

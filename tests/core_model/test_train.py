@@ -110,3 +110,38 @@ def test_by_length_sampling_draws_users_in_proportion_to_their_positions():
     assert abs(np.mean(positions) / b.num_positions - 1) < 0.05
     with pytest.raises(ValueError, match="user_sampling"):
         TrainConfig(user_sampling="by-weight")
+
+
+def _ema_run(tmp_path, ema: float, name: str):
+    log = generate_live_commerce(SyntheticConfig(num_users=120, num_items=40, num_merchants=4,
+                                                 min_length=6, max_length=12, seed=3))
+    split = leave_one_out(log)
+    torch.manual_seed(0)
+    model = SASRec(ModelConfig(num_items=log.num_items, max_len=12, d_model=16, dropout=0.0))
+    cfg = TrainConfig(epochs=3, eval_every=3, lr=5e-3, batch_size=32, precision="fp32", ema=ema, patience=5)
+    evaluated = []
+
+    def on_evaluate(m):  # the model validation saw is the one kept
+        evaluated.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return {"seen": True}
+
+    result = fit(model, split, cfg, run_dir=tmp_path / name, on_evaluate=on_evaluate)
+    lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["seen"] is True  # on_evaluate's dict is in the epoch's record
+    return model, evaluated[-1], result
+
+
+def test_ema_weights_are_validated_kept_and_saved(tmp_path):
+    raw, raw_seen, _ = _ema_run(tmp_path, 0.0, "raw")
+    tiny, tiny_seen, _ = _ema_run(tmp_path, 1e-9, "tiny")  # an average that forgets at once = the last weights
+    avg, avg_seen, _ = _ema_run(tmp_path, 0.9, "avg")
+    for name, value in raw.state_dict().items():
+        torch.testing.assert_close(tiny.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(avg.state_dict()[name], avg_seen[name])  # kept = validated
+    assert any(not torch.allclose(avg.state_dict()[n], v) for n, v in raw.state_dict().items())
+    saved, _ = load_checkpoint(tmp_path / "avg" / "model.pt")
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(value, avg_seen[name])
+    for bad in (1.0, -0.5):
+        with pytest.raises(ValueError, match=r"ema must be in \[0, 1\) \(0: off\)"):
+            TrainConfig(ema=bad)
