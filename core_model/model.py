@@ -105,8 +105,8 @@ class ModelConfig:
     loss: str = "ce"
     num_negatives: int = 256
     tie_weights: bool = True
-    attn_init: str = "normal"
-    attn_output_dropout: bool = True
+    attn_init: str = "xavier"
+    attn_output_dropout: bool = False
     item_features: str = ""
     item_features_side: str = "both"
     num_item_features: int = 0

@@ -50,8 +50,10 @@ class TrainConfig:
     with probability proportional to their number of training positions (see
     ``SequenceBatches.shuffled``); for non-private training only (DP-SGD samples users uniformly).
     ``ema`` (0: off): keep an exponential moving average of the weights, updated after every
-    optimizer step with this decay (``torch.optim.swa_utils``); validation, the kept best weights
-    and the checkpoint are then the average's. Centralized training only (``fit``).
+    optimizer step with this decay and bias-corrected (:func:`ema_update`), so that it is a
+    weighted mean of the steps' weights and a short run is not dominated by its first step;
+    validation, the kept best weights and the checkpoint are then the average's. Centralized
+    training only (``fit``).
     """
 
     epochs: int = 90
@@ -68,9 +70,9 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False
     length_buckets: bool = True
-    user_sampling: str = "uniform"
+    user_sampling: str = "by-length"
     num_threads: int | None = None
-    ema: float = 0.0
+    ema: float = 0.998
 
     def __post_init__(self) -> None:
         checks = [
@@ -233,6 +235,20 @@ def lr_factor(config: TrainConfig, epoch_progress: float) -> float:
     return 1.0
 
 
+def ema_update(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: the bias-corrected moving average.
+
+    After t steps the average is ``sum_i decay ** (t - i) w_i / sum_i decay ** (t - i)``, i.e.
+    ``a_t = a_(t-1) + c_t (w_t - a_(t-1))`` with ``c_t = (1 - decay) / (1 - decay ** t)`` (the
+    first step gives ``a_1 = w_1``). Without the correction (``get_ema_multi_avg_fn``) ``w_1``
+    keeps the weight ``decay ** (t - 1)``: 0.55 after 300 steps at decay 0.998.
+    """
+    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        t = int(num_averaged) + 1
+        return averaged + (current - averaged) * ((1 - decay) / (1 - decay ** t))
+    return avg_fn
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
                              weight_decay=config.weight_decay)
@@ -319,7 +335,9 @@ def local_train(
     generator = torch.Generator().manual_seed(seed)
     batches = SequenceBatches(train, model.config.max_len)
     optimizer = make_optimizer(model, config)
-    flat = TrainConfig(**{**config.to_dict(), "schedule": "constant", "warmup_epochs": 0.0})
+    # a local epoch is a pass over every user of the client (by-length sampling is for ``fit``)
+    flat = TrainConfig(**{**config.to_dict(), "schedule": "constant", "warmup_epochs": 0.0,
+                          "user_sampling": "uniform"})
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     first, stats = None, {}
     for epoch in range(epochs):
@@ -431,8 +449,7 @@ def fit(
     forward = compiled_forward(model) if config.compile else model
     average = None
     if config.ema:  # evaluated, kept and saved instead of the raw weights
-        average = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        average = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_update(config.ema), use_buffers=True)
     served = model if average is None else average.module
     try:
         for epoch in range(1, config.epochs + 1):

@@ -122,7 +122,7 @@ def test_tied_output_shares_the_embedding_parameter():
 
 
 def test_xavier_attention_init_matches_multihead_attention_and_leaves_the_rest_normal():
-    normal, xavier = make(), make(attn_init="xavier")
+    normal, xavier = make(attn_init="normal"), make(attn_init="xavier")
     bound = math.sqrt(6.0 / (4 * 8))  # xavier_uniform_ over the stacked (3d, d) in-projection, d = 8
     for block in xavier.blocks:
         w = torch.cat([block.attn.q.weight, block.attn.kv.weight])  # (3d, d)
@@ -140,7 +140,7 @@ def test_xavier_attention_init_matches_multihead_attention_and_leaves_the_rest_n
 def test_attention_output_dropout_can_be_switched_off():
     torch.manual_seed(0)
     cfg = dict(num_items=11, max_len=5, d_model=8, num_blocks=1, dropout=0.5)
-    on = SASRec(ModelConfig(**cfg)).train()
+    on = SASRec(ModelConfig(**cfg, attn_output_dropout=True)).train()
     off = SASRec(ModelConfig(**cfg, attn_output_dropout=False)).train()
     assert isinstance(on.blocks[0].drop, torch.nn.Dropout)
     assert isinstance(off.blocks[0].drop, torch.nn.Identity)

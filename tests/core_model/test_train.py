@@ -145,3 +145,16 @@ def test_ema_weights_are_validated_kept_and_saved(tmp_path):
     for bad in (1.0, -0.5):
         with pytest.raises(ValueError, match=r"ema must be in \[0, 1\) \(0: off\)"):
             TrainConfig(ema=bad)
+
+
+def test_ema_update_is_the_bias_corrected_weighted_mean():
+    from core_model.train import ema_update
+    ws = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0]), torch.tensor([-1.0, 4.0])]
+    model = torch.nn.Linear(2, 1, bias=False)
+    avg = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_update(0.5))
+    for w in ws:
+        with torch.no_grad():
+            model.weight.copy_(w.view(1, 2))
+        avg.update_parameters(model)
+    # weights 0.5 ** (3 - i) -> 1/4, 1/2, 1, normalised by 7/4
+    torch.testing.assert_close(avg.module.weight.view(2), (ws[0] + 2 * ws[1] + 4 * ws[2]) / 7)
