@@ -50,8 +50,8 @@ class TrainConfig:
     with probability proportional to their number of training positions (see
     ``SequenceBatches.shuffled``); for non-private training only (DP-SGD samples users uniformly).
     ``ema`` (0: off): keep an exponential moving average of the weights, updated after every
-    optimizer step with this decay and bias-corrected (:func:`ema_update`), so that it is a
-    weighted mean of the steps' weights and a short run is not dominated by its first step;
+    optimizer step with this per-step decay, bias-corrected and with its window capped at a fifth of
+    the planned run (:class:`WeightEMA`), so that a short run is not an average of its first steps;
     validation, the kept best weights and the checkpoint are then the average's. Centralized
     training only (``fit``).
     """
@@ -235,18 +235,43 @@ def lr_factor(config: TrainConfig, epoch_progress: float) -> float:
     return 1.0
 
 
-def ema_update(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: the bias-corrected moving average.
+class WeightEMA:
+    """The moving average of a model's weights over optimizer steps (``train.ema``).
 
-    After t steps the average is ``sum_i decay ** (t - i) w_i / sum_i decay ** (t - i)``, i.e.
-    ``a_t = a_(t-1) + c_t (w_t - a_(t-1))`` with ``c_t = (1 - decay) / (1 - decay ** t)`` (the
-    first step gives ``a_1 = w_1``). Without the correction (``get_ema_multi_avg_fn``) ``w_1``
-    keeps the weight ``decay ** (t - 1)``: 0.55 after 300 steps at decay 0.998.
+    Built on ``torch.optim.swa_utils.AveragedModel`` (``module`` is the averaged model). Each
+    step t uses the decay ``b_t = min(decay, 1 - 5 / (epochs * steps per epoch))`` (set by
+    :meth:`start_epoch`: the window ``1 / (1 - b)`` is at most a fifth of the planned run) and is
+    bias-corrected: ``n_t = b_t n_(t-1) + (1 - b_t)``, ``a_t = a_(t-1) + (1 - b_t) / n_t *
+    (w_t - a_(t-1))``, so the average is a weighted mean of the steps' weights (with a constant b:
+    ``sum_i b ** (t - i) w_i / sum_i b ** (t - i)``). Without the correction
+    (``get_ema_multi_avg_fn``) the first step keeps the weight ``b ** (t - 1)``, 0.55 after 300
+    steps at 0.998; without the cap a run shorter than the window (3 epochs of 4 steps) is about
+    the plain mean of all its steps, early ones included.
     """
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        t = int(num_averaged) + 1
-        return averaged + (current - averaged) * ((1 - decay) / (1 - decay ** t))
-    return avg_fn
+
+    def __init__(self, model: torch.nn.Module, decay: float, *, epochs: int) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"train.ema={decay!r}: expected a decay in (0, 1)")
+        self.decay, self.epochs = decay, epochs
+        self.current = decay
+        self.norm = 0.0
+        self._step_weight = 1.0
+        self.averaged = torch.optim.swa_utils.AveragedModel(model, avg_fn=self._avg, use_buffers=True)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.averaged.module
+
+    def start_epoch(self, steps: int) -> None:
+        self.current = max(0.0, min(self.decay, 1.0 - 5.0 / (self.epochs * max(steps, 1))))
+
+    def update(self, model: torch.nn.Module) -> None:
+        self.norm = self.current * self.norm + (1.0 - self.current)
+        self._step_weight = (1.0 - self.current) / self.norm if self.norm > 0 else 1.0
+        self.averaged.update_parameters(model)
+
+    def _avg(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        return averaged + (current - averaged) * self._step_weight
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -268,7 +293,7 @@ def train_epoch(
     forward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
     proximal_mu: float = 0.0,
     anchor: Sequence[torch.Tensor] | None = None,
-    average: torch.optim.swa_utils.AveragedModel | None = None,
+    average: WeightEMA | None = None,
 ) -> dict[str, float]:
     """One pass over all users in random batches; returns mean loss and throughput.
 
@@ -285,6 +310,8 @@ def train_epoch(
     epoch_batches = list(batches.shuffled(config.batch_size, rng, bucketed=config.length_buckets,
                                           by_length=config.user_sampling == "by-length"))
     steps = max(len(epoch_batches), 1)
+    if average is not None:
+        average.start_epoch(steps)
     total, users, start = 0.0, 0, time.perf_counter()
     for step, rows in enumerate(epoch_batches):
         for group in optimizer.param_groups:
@@ -303,7 +330,7 @@ def train_epoch(
             loss.backward()
         optimizer.step()
         if average is not None:
-            average.update_parameters(model)
+            average.update(model)
         loss_value = float(loss.detach())
         total += loss_value * len(rows)
         users += len(rows)
@@ -449,7 +476,7 @@ def fit(
     forward = compiled_forward(model) if config.compile else model
     average = None
     if config.ema:  # evaluated, kept and saved instead of the raw weights
-        average = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_update(config.ema), use_buffers=True)
+        average = WeightEMA(model, config.ema, epochs=config.epochs)
     served = model if average is None else average.module
     try:
         for epoch in range(1, config.epochs + 1):

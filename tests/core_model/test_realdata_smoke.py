@@ -5,6 +5,7 @@ Skipped with a reason when ../shared/data (or FEDREC_SHARED_DATA) is absent.
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import require_shared
 from core_model.data import read_movielens_1m
@@ -20,8 +21,16 @@ def test_ml1m_slice_trains_and_recommends(tmp_path):
     log = read_movielens_1m(require_shared("ml-1m"))
     from core_model.data import leave_one_out
     split = leave_one_out(log).subset(np.arange(600))
-    model = SASRec(ModelConfig(num_items=log.num_items, max_len=50, d_model=32, num_blocks=1))
-    result = fit(model, split, TrainConfig(epochs=3, eval_every=3, lr=3e-3, precision="fp32"), run_dir=tmp_path)
+    # 3 epochs of ~5 steps: far shorter than the 90-epoch runs the defaults are tuned for (by-length
+    # sampling learns more slowly at first, a moving average lags, and Xavier-started attention
+    # without output dropout read 0.011-0.015 here, against popularity's 0.019), so this smoke test
+    # keeps the settings that learn fastest in a few steps: N(0, 0.02) attention, plain passes over
+    # the users, the raw weights
+    torch.manual_seed(0)
+    model = SASRec(ModelConfig(num_items=log.num_items, max_len=50, d_model=32, num_blocks=1,
+                               attn_init="normal", attn_output_dropout=True))
+    cfg = TrainConfig(epochs=3, eval_every=3, lr=3e-3, precision="fp32", user_sampling="uniform", ema=0.0)
+    result = fit(model, split, cfg, run_dir=tmp_path)
     losses = [float(line.split('"train_loss": ')[1].split(",")[0])
               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]

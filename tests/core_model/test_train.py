@@ -147,14 +147,31 @@ def test_ema_weights_are_validated_kept_and_saved(tmp_path):
             TrainConfig(ema=bad)
 
 
-def test_ema_update_is_the_bias_corrected_weighted_mean():
-    from core_model.train import ema_update
+def test_weight_ema_is_the_bias_corrected_weighted_mean_with_a_capped_window():
+    from core_model.train import WeightEMA
     ws = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0]), torch.tensor([-1.0, 4.0])]
     model = torch.nn.Linear(2, 1, bias=False)
-    avg = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_update(0.5))
-    for w in ws:
-        with torch.no_grad():
-            model.weight.copy_(w.view(1, 2))
-        avg.update_parameters(model)
+
+    def run(decay, epochs, steps):
+        ema = WeightEMA(model, decay, epochs=epochs)
+        ema.start_epoch(steps)
+        for w in ws:
+            with torch.no_grad():
+                model.weight.copy_(w.view(1, 2))
+            ema.update(model)
+        return ema.module.weight.view(2), ema.current
+
+    avg, used = run(0.5, epochs=100, steps=100)  # the cap (1 - 5 / 10,000) does not bind
+    assert used == 0.5
     # weights 0.5 ** (3 - i) -> 1/4, 1/2, 1, normalised by 7/4
-    torch.testing.assert_close(avg.module.weight.view(2), (ws[0] + 2 * ws[1] + 4 * ws[2]) / 7)
+    torch.testing.assert_close(avg, (ws[0] + 2 * ws[1] + 4 * ws[2]) / 7)
+    avg, used = run(0.998, epochs=2, steps=5)  # a 10-step run: the window is capped at 2 steps
+    assert used == pytest.approx(0.5)
+    torch.testing.assert_close(avg, (ws[0] + 2 * ws[1] + 4 * ws[2]) / 7)
+    # ML-1M's default run: 90 epochs of 34 steps leave the decay at 0.998
+    assert WeightEMA(model, 0.998, epochs=90).start_epoch(34) is None
+    ema = WeightEMA(model, 0.998, epochs=90)
+    ema.start_epoch(34)
+    assert ema.current == 0.998
+    with pytest.raises(ValueError, match=r"train.ema=1.0: expected a decay in \(0, 1\)"):
+        WeightEMA(model, 1.0, epochs=1)
