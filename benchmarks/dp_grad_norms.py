@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,22 +42,29 @@ def norms(model: SASRec, batches: SequenceBatches) -> np.ndarray:
     return np.array(out)
 
 
+def load_run_sample(run_dir: Path, users: int) -> tuple[Any, SASRec, SASRec, list[np.ndarray]]:
+    """A run's config, its trained ``model.pt``, a fresh model of the same configuration (seed 0,
+    the same public catalogue features) and ``users`` random users' training histories (seed 0)."""
+    cfg = load_run_config(run_dir)
+    trained, _ = load_checkpoint(run_dir / "model.pt")
+    _, split, _ = load_federation(cfg)
+    rows = np.random.default_rng(0).choice(len(split.train), min(users, len(split.train)), replace=False)
+    torch.manual_seed(0)
+    fresh = SASRec(trained.config)
+    if trained.feat_in is not None:  # the same public catalogue features
+        fresh.set_item_features(trained.item_feature_matrix)
+    return cfg, trained, fresh, [np.asarray(split.train[r]) for r in rows]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--users", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_run_config(args.run_dir)
-    trained, _ = load_checkpoint(args.run_dir / "model.pt")
-    _, split, _ = load_federation(cfg)
-    rows = np.random.default_rng(0).choice(len(split.train), min(args.users, len(split.train)), replace=False)
-    batches = SequenceBatches([split.train[r] for r in rows], trained.config.max_len)
-    torch.manual_seed(0)
+    cfg, trained, fresh, histories = load_run_sample(args.run_dir, args.users)
+    batches = SequenceBatches(histories, trained.config.max_len)
     clip = cfg.privacy.max_grad_norm
-    fresh = SASRec(trained.config)
-    if trained.feat_in is not None:  # the same public catalogue features
-        fresh.set_item_features(trained.item_feature_matrix)
     for name, model in (("initialisation", fresh), ("trained", trained)):
         g = norms(model, batches)
         p10, p50, p90 = np.percentile(g, [10, 50, 90])

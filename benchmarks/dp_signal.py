@@ -27,10 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dp_grad_norms import load_run_sample  # noqa: E402  (benchmarks/dp_grad_norms.py, this script's folder)
 from core_model.model import SASRec  # noqa: E402
-from core_model.train import SequenceBatches, load_checkpoint  # noqa: E402
-from simulations.clients import load_federation  # noqa: E402
-from simulations.runner import load_run_config  # noqa: E402
+from core_model.train import SequenceBatches  # noqa: E402
 
 
 def mean_clipped_norm(model: SASRec, histories: list[np.ndarray], length: int, clip: float) -> tuple[float, float]:
@@ -65,16 +64,8 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[12, 25, 50])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_run_config(args.run_dir)
-    trained, _ = load_checkpoint(args.run_dir / "model.pt")
-    _, split, _ = load_federation(cfg)
-    rows = np.random.default_rng(0).choice(len(split.train), min(args.users, len(split.train)), replace=False)
-    histories = [np.asarray(split.train[r]) for r in rows]
+    cfg, trained, fresh, histories = load_run_sample(args.run_dir, args.users)
     clip = cfg.privacy.max_grad_norm
-    torch.manual_seed(0)
-    fresh = SASRec(trained.config)
-    if trained.feat_in is not None:
-        fresh.set_item_features(trained.item_feature_matrix)
     long_enough = {L: float(np.mean([len(h) - 1 >= L for h in histories])) for L in args.lengths}
     print(f"{len(histories)} users; clip {clip:g}; share of them with at least L training positions: "
           + ", ".join(f"L={L}: {v:.0%}" for L, v in long_enough.items()))

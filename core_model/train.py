@@ -494,7 +494,6 @@ def fit(
                 record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
                 if on_evaluate is not None:
                     record.update(on_evaluate(served))
-                    model.train()
                 if record["valid_ndcg@10"] > best["valid_ndcg@10"]:
                     best = {"epoch": epoch, **{k: v for k, v in record.items() if k.startswith("valid_")}}
                     best_state = {k: v.detach().clone() for k, v in served.state_dict().items()}
