@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core_model.allocator import keep_freed_memory
 from core_model.data import LeaveOneOutSplit
 from core_model.evaluate import evaluate_ranking
 from core_model.model import ModelConfig, SASRec
@@ -306,6 +307,7 @@ def train_epoch(
     if proximal_mu > 0 and anchor is None:
         raise ValueError("proximal_mu > 0 needs the anchor (global) weights")
     forward = forward or model
+    keep_freed_memory()
     model.train()
     epoch_batches = list(batches.shuffled(config.batch_size, rng, bucketed=config.length_buckets,
                                           by_length=config.user_sampling == "by-length"))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from core_model.allocator import keep_freed_memory
 from core_model.config import PrivacyConfig
 from core_model.model import SASRec
 from core_model.train import SequenceBatches, TrainConfig, make_optimizer, sample_negatives, select_device
@@ -172,6 +173,7 @@ def dp_local_train(
     if len(train) != plan.num_users:
         raise ValueError(f"the plan is for {plan.num_users} users, the data has {len(train)}")
     device = select_device(config.device)
+    keep_freed_memory()
     model.to(device)
     model.packed = False  # one row per user through every layer: per-user gradients need it
     batches = SequenceBatches(train, model.config.max_len)
