@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from core_model.allocator import keep_freed_memory
+from core_model.allocator import keep_freed_memory, release_freed_memory
 from core_model.config import PrivacyConfig
 from core_model.model import SASRec
 from core_model.train import SequenceBatches, TrainConfig, make_optimizer, sample_negatives, select_device
@@ -242,6 +242,7 @@ def dp_local_train(
         if hasattr(module, "_close"):  # remove Opacus' hooks from the model
             module._close()
         model.packed = True
+        release_freed_memory()
     opacus_steps = sum(s for _, _, s in engine.accountant.history)
     if opacus_steps != steps:  # our count is what the ledger records: it must agree with Opacus'
         raise RuntimeError(f"Opacus' accountant counted {opacus_steps} steps, training took {steps}")
