@@ -57,19 +57,24 @@ def malloc_mode() -> str:
     return mode
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc and ``FEDREC_MALLOC`` is not ``system``; otherwise None."""
+    if malloc_mode() == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - glibc without the usual soname
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep and reuse freed memory (see the module docstring).
 
     Returns True when the settings were applied, False when ``FEDREC_MALLOC=system`` or the C
     library is not glibc (macOS, musl, Windows: nothing is changed).
     """
-    if malloc_mode() == "system":
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # pragma: no cover - glibc without the usual soname
+    libc = _glibc()
+    if libc is None:
         return False
     applied = all(libc.mallopt(param, value) == 1 for param, value in
                   ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
@@ -84,10 +89,5 @@ def release_freed_memory() -> bool:
     Returns True when memory was released; False when nothing was (``FEDREC_MALLOC=system``, where
     glibc trims by itself, a C library other than glibc, or no free page to release).
     """
-    if malloc_mode() == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # pragma: no cover - glibc without the usual soname
-        return False
-    return libc.malloc_trim(0) == 1
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) == 1

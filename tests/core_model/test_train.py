@@ -168,7 +168,7 @@ def test_weight_ema_is_the_bias_corrected_weighted_mean_with_a_capped_window():
     avg, used = run(0.998, epochs=2, steps=5)  # a 10-step run: the window is capped at 2 steps
     assert used == pytest.approx(0.5)
     torch.testing.assert_close(avg, (ws[0] + 2 * ws[1] + 4 * ws[2]) / 7)
-    # ML-1M's default run: 90 epochs of 34 steps leave the decay at 0.998
+    # a 90-epoch ML-1M run (34 steps per epoch) leaves the decay at 0.998
     assert WeightEMA(model, 0.998, epochs=90).start_epoch(34) is None
     ema = WeightEMA(model, 0.998, epochs=90)
     ema.start_epoch(34)
