@@ -409,6 +409,35 @@ class Supervisor:
         except ProcessLookupError:
             pass
 
+    @staticmethod
+    def _group_members(pgid: int) -> list[int]:
+        """PIDs of the live (not zombie) processes in process group ``pgid``."""
+        import psutil
+
+        members = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                    members.append(p.pid)
+            except (OSError, psutil.Error):
+                continue
+        return members
+
+    def _end_group(self, proc: subprocess.Popen) -> None:
+        """Terminate what the child left in its group and wait until it is gone, so that a restart never
+        overlaps it (a lingering SuperExec would still hold its port): SIGTERM, up to ``grace`` seconds,
+        then SIGKILL and up to ``grace`` more. What survives even that is logged by PID."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not self._group_members(proc.pid):
+                return
+            self._signal_group(proc, sig)
+            deadline = time.monotonic() + self.grace
+            while self._group_members(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        left = self._group_members(proc.pid)
+        if left:
+            logger.error("processes %s of %s's group survived SIGKILL for %.0f s", left, self.command[0], self.grace)
+
     def _copy_output(self, proc: subprocess.Popen, sink: Any, found: list[int]) -> None:
         for line in proc.stdout or ():
             sink.write(line)
@@ -421,7 +450,7 @@ class Supervisor:
         """Start the child in its own process group, copy its output, wait for it, end what it left.
 
         A SuperNode starts a SuperExec that outlives it (and keeps its output open); when the
-        SuperNode exits, the rest of its group is terminated before the next start.
+        SuperNode exits, the rest of its group is terminated, and waited for, before the next start.
         """
         sink = self.log_path.open("ab") if self.log_path is not None else sys.stdout.buffer
         found: list[int] = []
@@ -432,11 +461,8 @@ class Supervisor:
             reader = threading.Thread(target=self._copy_output, args=(proc, sink, found), daemon=True)
             reader.start()
             status = proc.wait()
-            self._signal_group(proc, signal.SIGTERM)
+            self._end_group(proc)
             reader.join(timeout=self.grace)
-            if reader.is_alive():
-                self._signal_group(proc, signal.SIGKILL)
-                reader.join(timeout=self.grace)
         finally:
             if self.log_path is not None:
                 sink.close()

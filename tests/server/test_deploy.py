@@ -264,3 +264,32 @@ def test_supervisor_ends_what_the_child_left_behind(tmp_path):
     while not gone() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gone()
+
+
+def test_supervisor_waits_for_the_group_before_a_restart(tmp_path):
+    # a helper that ignores SIGTERM and does not hold the output open: when run() returns it must be
+    # gone (killed after the grace period), not left running beside the next start
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import subprocess, sys\n"
+        "helper = subprocess.Popen([sys.executable, '-c',\n"
+        "                           'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '\n"
+        "                           'open(\"' + sys.argv[2] + '\", \"w\").close(); time.sleep(60)'],\n"
+        "                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "open(sys.argv[1], 'w').write(str(helper.pid))\n"
+        "import os, time\n"
+        "while not os.path.exists(sys.argv[2]): time.sleep(0.01)  # the helper ignores SIGTERM from here on\n"
+        "sys.exit(1)\n")
+    sup = deploy.Supervisor([sys.executable, str(child), str(tmp_path / "helper.pid"), str(tmp_path / "ready")],
+                            log_path=tmp_path / "log", initial_backoff=0.05, max_restarts=0)
+    sup.grace = 1.0
+    t0 = time.monotonic()
+    assert sup.run() == 1
+    waited = time.monotonic() - t0
+    helper = int((tmp_path / "helper.pid").read_text())
+    try:
+        alive = psutil.Process(helper).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    assert not alive, "the helper outlived run(): a restart would have overlapped it"
+    assert waited >= 1.0  # it survived SIGTERM, so the supervisor waited out the grace period before SIGKILL
