@@ -168,6 +168,9 @@ def dp_local_train(
     """
     if physical_batch_size < 1:
         raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
+    if config.long_histories != "last":
+        raise ValueError(f"train.long_histories={config.long_histories!r} would make a user several examples; "
+                         "DP-SGD's unit of privacy is the user (expected 'last')")
     from opacus import PrivacyEngine
 
     if len(train) != plan.num_users:

@@ -175,3 +175,33 @@ def test_weight_ema_is_the_bias_corrected_weighted_mean_with_a_capped_window():
     assert ema.current == 0.998
     with pytest.raises(ValueError, match=r"train.ema=1.0: expected a decay in \(0, 1\)"):
         WeightEMA(model, 1.0, epochs=1)
+
+
+def test_windows_make_every_position_a_target_exactly_once():
+    seqs = [np.arange(1, 12), np.arange(20, 24), np.array([30])]  # 10, 3 and 0 positions
+    last = SequenceBatches(seqs, max_len=4)
+    b = SequenceBatches(seqs, max_len=4, windows=True)
+    assert last.num_positions == 4 + 3 and b.num_positions == 10 + 3
+    assert b.owners.tolist() == [0, 0, 0, 1, 2] and b.num_users == 3
+    inputs, targets = b.batch(np.arange(5))
+    # user 0: targets 2..11 in windows [8..11], [4..7], [2, 3], each input the item before its target
+    assert targets.tolist() == [[8, 9, 10, 11], [4, 5, 6, 7], [0, 0, 2, 3], [0, 21, 22, 23], [0, 0, 0, 0]]
+    assert inputs.tolist() == [[7, 8, 9, 10], [3, 4, 5, 6], [0, 0, 1, 2], [0, 20, 21, 22], [0, 0, 0, 0]]
+    assert b.batch(np.array([0]))[1].tolist() == last.batch(np.array([0]))[1].tolist()  # the last window is SASRec's
+    with pytest.raises(ValueError, match="long_histories"):
+        TrainConfig(long_histories="all")
+
+
+def test_windows_are_refused_where_a_user_must_stay_one_example():
+    from core_model.train import local_train
+    from privacy.dp import DPPlan, dp_local_train
+
+    model = SASRec(ModelConfig(num_items=9, max_len=4, d_model=8))
+    seqs = [np.arange(1, 10)] * 4
+    cfg = TrainConfig(long_histories="windows", precision="fp32")
+    with pytest.raises(ValueError, match="long_histories='windows' is for centralized training only"):
+        local_train(model, seqs, cfg, epochs=1, seed=0)
+    plan = DPPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_epoch=2, max_grad_norm=1.0, delta=1e-5,
+                  accountant="prv", num_users=4)
+    with pytest.raises(ValueError, match="DP-SGD's unit of privacy is the user"):
+        dp_local_train(model, seqs, cfg, plan, epochs=1)
