@@ -58,8 +58,11 @@ class TrainConfig:
     ``long_histories="last"`` trains on the last ``max_len`` positions of each history (SASRec's
     truncation; on ML-1M 26 % of users have more and a third of all positions are never seen);
     ``"windows"`` also cuts the earlier positions into consecutive windows of ``max_len``, each a
-    training row of its own (see ``SequenceBatches``). Centralized training only (``fit``): under
-    DP-SGD a user must stay one example, so ``local_train`` refuses it.
+    training row of its own (see ``SequenceBatches``). Centralized training only (``fit``): a
+    federated client's local update and DP-SGD keep one example per user (under DP-SGD the user is
+    the unit of privacy), so ``local_train`` and ``dp_local_train`` refuse it. ``"auto"`` (the
+    default) is ``"windows"`` in ``fit`` and ``"last"`` in ``local_train`` and ``dp_local_train``;
+    :func:`resolve_long_histories` says which one a trainer uses.
     """
 
     epochs: int = 110
@@ -79,7 +82,7 @@ class TrainConfig:
     user_sampling: str = "by-length"
     num_threads: int | None = None
     ema: float = 0.998
-    long_histories: str = "last"
+    long_histories: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,12 +101,32 @@ class TrainConfig:
             ("user_sampling", self.user_sampling in ("uniform", "by-length"), "'uniform' or 'by-length'"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1 or None"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
-            ("long_histories", self.long_histories in ("last", "windows"), "'last' or 'windows'"),
+            ("long_histories", self.long_histories in LONG_HISTORIES, "'auto', 'last' or 'windows'"),
         ]
         check_fields(self, checks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+LONG_HISTORIES = ("auto", "last", "windows")
+
+
+def resolve_long_histories(value: str, *, per_user: bool, why: str = "") -> str:
+    """The ``train.long_histories`` a trainer uses: ``"last"`` or ``"windows"``.
+
+    ``per_user=True`` is a trainer whose example is the user (a federated client's local update,
+    DP-SGD): ``"auto"`` is ``"last"`` there and ``"windows"`` is refused with ``why``. Otherwise
+    (centralized ``fit``) ``"auto"`` is ``"windows"``.
+    """
+    if value not in LONG_HISTORIES:
+        raise ValueError(f"train.long_histories must be one of {LONG_HISTORIES}, got {value!r}")
+    if not per_user:
+        return "windows" if value == "auto" else value
+    if value == "windows":
+        raise ValueError(f"train.long_histories='windows' is for centralized training only: {why} "
+                         "(expected 'auto' or 'last')")
+    return "last"
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -387,9 +410,8 @@ def local_train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    if config.long_histories != "last":
-        raise ValueError(f"train.long_histories={config.long_histories!r} is for centralized training only: "
-                         "a client's local update keeps one row per user (expected 'last')")
+    resolve_long_histories(config.long_histories, per_user=True,
+                           why="a client's local update keeps one row per user")
     batches = SequenceBatches(train, model.config.max_len)
     optimizer = make_optimizer(model, config)
     # a local epoch is a pass over every user of the client (by-length sampling is for ``fit``)
@@ -494,7 +516,8 @@ def fit(
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
-    batches = SequenceBatches(split.train, model.config.max_len, windows=config.long_histories == "windows")
+    windows = resolve_long_histories(config.long_histories, per_user=False) == "windows"
+    batches = SequenceBatches(split.train, model.config.max_len, windows=windows)
     optimizer = make_optimizer(model, config)
     metrics_file = None
     if run_dir is not None:

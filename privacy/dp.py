@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from core_model.allocator import keep_freed_memory, release_freed_memory
 from core_model.config import PrivacyConfig
 from core_model.model import SASRec
-from core_model.train import SequenceBatches, TrainConfig, make_optimizer, sample_negatives, select_device
+from core_model.train import (SequenceBatches, TrainConfig, make_optimizer, resolve_long_histories, sample_negatives,
+                              select_device)
 from privacy.accounting import default_delta, noise_for_target_epsilon
 
 logger = logging.getLogger(__name__)
@@ -168,9 +169,8 @@ def dp_local_train(
     """
     if physical_batch_size < 1:
         raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
-    if config.long_histories != "last":
-        raise ValueError(f"train.long_histories={config.long_histories!r} would make a user several examples; "
-                         "DP-SGD's unit of privacy is the user (expected 'last')")
+    resolve_long_histories(config.long_histories, per_user=True,
+                           why="windows would make a user several examples, and DP-SGD's unit of privacy is the user")
     from opacus import PrivacyEngine
 
     if len(train) != plan.num_users:

@@ -205,3 +205,30 @@ def test_windows_are_refused_where_a_user_must_stay_one_example():
                   accountant="prv", num_users=4)
     with pytest.raises(ValueError, match="DP-SGD's unit of privacy is the user"):
         dp_local_train(model, seqs, cfg, plan, epochs=1)
+
+
+def test_auto_long_histories_are_windows_centrally_and_one_row_per_user_elsewhere():
+    from core_model.train import local_train, resolve_long_histories
+    from privacy.dp import DPPlan, dp_local_train
+
+    assert TrainConfig().long_histories == "auto"
+    assert resolve_long_histories("auto", per_user=False) == "windows"
+    assert resolve_long_histories("auto", per_user=True) == "last"
+    assert resolve_long_histories("last", per_user=False) == "last"
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_long_histories("all", per_user=False)
+    log = generate_live_commerce(SyntheticConfig(num_users=20, num_items=15, num_merchants=2,
+                                                 min_length=8, max_length=14, seed=1))
+    split = leave_one_out(log)
+    positions = [len(seq) - 1 for seq in split.train]
+    assert max(positions) > 4  # some histories are longer than max_len
+    cfg = TrainConfig(epochs=1, precision="fp32", ema=0.0, eval_every=1)
+    model = SASRec(ModelConfig(num_items=log.num_items, max_len=4, d_model=8))
+    assert fit(model, split, cfg)["positions_per_epoch"] == sum(positions)  # every position: windows
+    last = TrainConfig(**{**cfg.to_dict(), "long_histories": "last"})
+    assert fit(model, split, last)["positions_per_epoch"] == sum(min(m, 4) for m in positions)
+    seqs = [np.arange(1, 10)] * 4
+    assert local_train(model, seqs, cfg, epochs=1, seed=0)["users"] == 4  # one row per user
+    plan = DPPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_epoch=2, max_grad_norm=1.0, delta=1e-5,
+                  accountant="prv", num_users=4)
+    assert dp_local_train(model, seqs, cfg, plan, epochs=1)["steps"] == 2
