@@ -25,11 +25,12 @@ def test_ml1m_slice_trains_and_recommends(tmp_path):
     # sampling learns more slowly at first, a moving average lags, and Xavier-started attention
     # without output dropout read 0.011-0.015 here, against popularity's 0.019), so this smoke test
     # keeps the settings that learn fastest in a few steps: N(0, 0.02) attention, plain passes over
-    # the users, the raw weights
+    # the users, the raw weights, the last max_len positions of a history (windows would triple the steps)
     torch.manual_seed(0)
     model = SASRec(ModelConfig(num_items=log.num_items, max_len=50, d_model=32, num_blocks=1,
                                attn_init="normal", attn_output_dropout=True))
-    cfg = TrainConfig(epochs=3, eval_every=3, lr=3e-3, precision="fp32", user_sampling="uniform", ema=0.0)
+    cfg = TrainConfig(epochs=3, eval_every=3, lr=3e-3, precision="fp32", user_sampling="uniform", ema=0.0,
+                      long_histories="last")
     result = fit(model, split, cfg, run_dir=tmp_path)
     losses = [float(line.split('"train_loss": ')[1].split(",")[0])
               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
