@@ -65,7 +65,7 @@ class TrainConfig:
     :func:`resolve_long_histories` says which one a trainer uses.
     """
 
-    epochs: int = 110
+    epochs: int = 90
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
