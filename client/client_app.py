@@ -103,7 +103,7 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
        (``RECEIPT_RECORD``: its canonical bytes, hash, signature and the client's public key):
        only then may anything leave.
     """
-    from privacy.dp import MECHANISM, distributed_mechanism, dp_local_train, noise_share, plan_dp
+    from privacy.dp import MECHANISM, clipping_description, distributed_mechanism, dp_local_train, noise_share, plan_dp
     from privacy.ledger import LedgerEntry, PrivacyLedger
     from privacy.policy import load_policy
 
@@ -120,7 +120,8 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
                    planned_epochs=fed.num_rounds * fed.local_epochs,
                    planned_steps=fed.num_rounds if distributed else None)
     steps = 1 if distributed else fed.local_epochs * plan.steps_per_epoch
-    mechanism = distributed_mechanism(priv.distributed_min_clients) if distributed else MECHANISM
+    mechanism = ((distributed_mechanism(priv.distributed_min_clients) if distributed else MECHANISM)
+                 + clipping_description(plan.embedding_clip_share))
     accountant = ledger.accountant()
     accountant.add(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps)
     eps_after = accountant.epsilon(plan.delta, accountant=plan.accountant)

@@ -193,6 +193,11 @@ class PrivacyConfig:
     instead, so a client's expected batch is q n; every client then spends the same epsilon per
     step (with q from ``train.batch_size``, larger clients sample at lower rates and spend less
     than the smallest). A client needs at least k users.
+    ``embedding_clip_share`` s (0: flat clipping): clip each user's gradient in two groups, the
+    item-embedding table to ``max_grad_norm * sqrt(s)`` and all other parameters together to
+    ``max_grad_norm * sqrt(1 - s)``; the whole gradient stays within ``max_grad_norm``, so noise and
+    accounting are unchanged. Flat clipping scales the small transformer part of a gradient by the
+    same factor as the much larger embedding part; a group of its own keeps it whole.
     ``physical_batch_size``: each Poisson batch is run through the model in pieces of at most this
     many users, sorted by history length so that a piece pads only to its own longest user; the
     clipped per-user gradients of all pieces are summed before the one noisy step (the privacy
@@ -251,6 +256,7 @@ class PrivacyConfig:
     noise_placement: str = "local"
     distributed_min_clients: int = 0
     sample_rate: float = 0.0
+    embedding_clip_share: float = 0.0
 
     @property
     def secure_aggregation_enabled(self) -> bool:
@@ -277,6 +283,9 @@ class PrivacyConfig:
                                                      and abs(1 / self.sample_rate - round(1 / self.sample_rate)) < 1e-9),
              "0 (q = 1 / ceil(n / train.batch_size) per client) or 1/k for an integer k >= 1 (Opacus' Poisson "
              "loader samples at 1 / its number of batches)"),
+            ("embedding_clip_share", 0 <= self.embedding_clip_share < 1,
+             "in [0, 1): 0 clips each user's whole gradient to max_grad_norm (flat); s > 0 clips the item-embedding "
+             "table to max_grad_norm*sqrt(s) and the other parameters to max_grad_norm*sqrt(1-s)"),
             ("secure_aggregation", self.secure_aggregation in SECURE_AGGREGATION,
              f"one of {SECURE_AGGREGATION} ('auto': on iff mode='dp-sgd')"),
             ("secagg_bound", bound_ok, "a finite number > 0 (the largest |n_k * (w_local - w_global)| and n_k "

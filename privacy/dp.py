@@ -50,6 +50,14 @@ def distributed_mechanism(min_clients: int) -> str:
             f"{min_clients} of its variance remains)")
 
 
+def clipping_description(embedding_clip_share: float) -> str:
+    """How each user's gradient is clipped, for the ledger's mechanism string (empty for flat clipping)."""
+    if not embedding_clip_share:
+        return ""
+    return (f"; clipped in two groups: the item-embedding table to C*sqrt({embedding_clip_share:g}), every other "
+            f"parameter together to C*sqrt({1 - embedding_clip_share:g}) (the whole gradient stays within C)")
+
+
 def noise_share(noise_multiplier: float, min_clients: int) -> float:
     """One client's share of the noise: ``noise_multiplier / sqrt(min_clients)``.
 
@@ -76,6 +84,7 @@ class DPPlan:
     delta: float
     accountant: str
     num_users: int
+    embedding_clip_share: float = 0.0
 
 
 def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_epochs: int,
@@ -113,7 +122,7 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
                                          accountant=privacy.accountant)
     return DPPlan(noise_multiplier=float(sigma), sample_rate=q, steps_per_epoch=steps_per_epoch,
                   max_grad_norm=privacy.max_grad_norm, delta=delta, accountant=privacy.accountant,
-                  num_users=num_users)
+                  num_users=num_users, embedding_clip_share=privacy.embedding_clip_share)
 
 
 def shared_noise_multiplier(privacy: PrivacyConfig, *, client_sizes: Sequence[int], batch_size: int,
@@ -131,6 +140,55 @@ def shared_noise_multiplier(privacy: PrivacyConfig, *, client_sizes: Sequence[in
                     noise_placement="local")
     return max(plan_dp(probe, num_users=int(n), batch_size=batch_size, planned_epochs=1,
                        planned_steps=steps).noise_multiplier for n in sorted(set(client_sizes)))
+
+
+def group_clip_bounds(model: SASRec, max_grad_norm: float, embedding_clip_share: float) -> list[float]:
+    """Per parameter of ``model`` (in ``model.parameters()`` order) the bound of its clipping group.
+
+    ``embedding_clip_share`` s in (0, 1): the item-embedding table is one group, clipped to
+    ``C sqrt(s)``; all other parameters together are the other, clipped to ``C sqrt(1 - s)``. A user's
+    clipped gradient then has norm at most ``sqrt(C^2 s + C^2 (1 - s)) = C``: the sensitivity, and so
+    the noise ``noise_multiplier * C`` and the accounting, are those of flat clipping to C.
+    """
+    if not 0 < embedding_clip_share < 1:
+        raise ValueError(f"embedding_clip_share must be in (0, 1) for group clipping, got {embedding_clip_share!r}")
+    emb = model.item_emb.weight
+    return [max_grad_norm * math.sqrt(embedding_clip_share if p is emb else 1 - embedding_clip_share)
+            for p in model.parameters() if p.requires_grad]
+
+
+def _group_clipping_optimizer():
+    """Opacus' ``DPOptimizer`` with flat clipping inside each group of parameters (built on first use:
+    Opacus is imported lazily)."""
+    from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+
+    class GroupClipDPOptimizer(DPOptimizer):
+        """Clips each user's gradient restricted to each group to that group's bound (``group_bounds``:
+        one per parameter, equal within a group); noise and accounting are DPOptimizer's, at
+        ``max_grad_norm`` = the root of the sum of the groups' squared bounds."""
+
+        group_bounds: list[float]
+
+        def clip_and_accumulate(self) -> None:
+            samples = self.grad_samples
+            bounds = sorted(set(self.group_bounds))
+            n = len(samples[0])
+            factors = {}
+            for b in bounds:
+                if n == 0:  # empty Poisson batch
+                    factors[b] = torch.zeros((0,), device=samples[0].device)
+                    continue
+                norms = [g.reshape(len(g), -1).norm(2, dim=-1)
+                         for g, gb in zip(samples, self.group_bounds) if gb == b]
+                factors[b] = (b / (torch.stack(norms, dim=1).norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+            for p, b in zip(self.params, self.group_bounds):
+                _check_processed_flag(p.grad_sample)
+                grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+                grad = torch.einsum("i,i...", factors[b].to(grad_sample.device, p.dtype), grad_sample)
+                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+                _mark_as_processed(p.grad_sample)
+
+    return DPOptimizer, GroupClipDPOptimizer
 
 
 def _os_seeded() -> torch.Generator:
@@ -195,6 +253,15 @@ def dp_local_train(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
             noise_generator=_os_seeded())
+    if plan.embedding_clip_share:
+        base, grouped = _group_clipping_optimizer()
+        if type(dp_optimizer) is not base:
+            raise RuntimeError(f"group clipping needs Opacus' DPOptimizer, make_private returned {type(dp_optimizer)}")
+        bounds = group_clip_bounds(model, plan.max_grad_norm, plan.embedding_clip_share)
+        if len(bounds) != len(dp_optimizer.params):
+            raise RuntimeError(f"{len(bounds)} clipping bounds for {len(dp_optimizer.params)} parameters")
+        dp_optimizer.__class__ = grouped  # same state; only clip_and_accumulate differs
+        dp_optimizer.group_bounds = bounds
     if sgd:  # Opacus divides by its expected batch size; make the step -lr * (sum + noise) / n
         for group in dp_optimizer.param_groups:
             group["lr"] = config.lr * dp_optimizer.expected_batch_size / len(batches)

@@ -117,9 +117,11 @@ def test_noise_and_clipping_change_the_update():
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3
 
 
-def test_empty_poisson_batches_take_noise_only_steps_and_are_counted():
+@pytest.mark.parametrize("embedding_clip_share", [0.0, 0.5])  # flat and group clipping
+def test_empty_poisson_batches_take_noise_only_steps_and_are_counted(embedding_clip_share):
     data = users(3)
-    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), num_users=3, batch_size=1, planned_epochs=10)
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, embedding_clip_share=embedding_clip_share),
+                   num_users=3, batch_size=1, planned_epochs=10)
     assert plan.steps_per_epoch == 3 and plan.sample_rate == pytest.approx(1 / 3)
     m = model()
     stats = dp_local_train(m, data, TRAIN, plan, epochs=10)
@@ -155,3 +157,64 @@ def test_pieces_of_a_poisson_batch_give_the_same_step_as_one_piece():
         dp_local_train(model(), data, TRAIN, plan, epochs=1, physical_batch_size=0)
     with pytest.raises(ValueError, match="privacy.physical_batch_size"):
         PrivacyConfig(physical_batch_size=0)
+
+
+def test_group_clipping_clips_the_embedding_table_and_the_rest_separately():
+    # q = 1 (every user in the one step), no noise, plain SGD: the update must be
+    # -lr * sum_u clip(g_u) / n with each user's embedding part clipped to C sqrt(s) and the rest
+    # to C sqrt(1 - s), computed here one user at a time without Opacus
+    import math
+
+    import numpy as np
+
+    from core_model.train import SequenceBatches
+    from privacy.dp import group_clip_bounds
+
+    data, clip, share = users(10), 0.05, 0.8
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, max_grad_norm=clip, embedding_clip_share=share),
+                   num_users=10, batch_size=10, planned_epochs=1)
+    assert plan.embedding_clip_share == share
+    plan = replace(plan, noise_multiplier=0.0)
+    trained = model()
+    dp_local_train(trained, data, TRAIN, plan, epochs=1, sgd=True)
+
+    ref = model()
+    names = [n for n, p in ref.named_parameters()]
+    bounds = group_clip_bounds(ref, clip, share)
+    assert bounds[names.index("item_emb.weight")] == pytest.approx(clip * math.sqrt(share))
+    assert all(b == pytest.approx(clip * math.sqrt(1 - share)) for n, b in zip(names, bounds) if n != "item_emb.weight")
+    assert math.hypot(clip * math.sqrt(share), clip * math.sqrt(1 - share)) == pytest.approx(clip)  # sensitivity C
+    ref.packed = False
+    batches = SequenceBatches(data, ref.config.max_len)
+    total = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    emb_clipped = rest_clipped = 0
+    for u in range(len(data)):
+        inputs, targets = batches.batch(np.array([u]))
+        ref.zero_grad()
+        ref(inputs, targets)[1].backward()
+        grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        emb = grads["item_emb.weight"].norm()
+        rest = torch.sqrt(sum((g ** 2).sum() for n, g in grads.items() if n != "item_emb.weight"))
+        e_scale = min(1.0, clip * math.sqrt(share) / (float(emb) + 1e-6))
+        r_scale = min(1.0, clip * math.sqrt(1 - share) / (float(rest) + 1e-6))
+        emb_clipped, rest_clipped = emb_clipped + (e_scale < 1), rest_clipped + (r_scale < 1)
+        for n, g in grads.items():
+            total[n] += g * (e_scale if n == "item_emb.weight" else r_scale)
+    assert emb_clipped == 10 and rest_clipped >= 5  # both bounds bind, so a flat clip would differ
+    start = dict(model().named_parameters())
+    for n, p in trained.named_parameters():
+        expected = start[n].detach() - TRAIN.lr * total[n] / len(data)
+        assert torch.allclose(p.detach(), expected, atol=1e-7, rtol=1e-5), n
+
+    flat = model()  # the same step with flat clipping to C moves the weights differently
+    dp_local_train(flat, data, TRAIN, replace(plan, embedding_clip_share=0.0), epochs=1, sgd=True)
+    assert max((a - b).abs().max().item() for a, b in zip(flat.parameters(), trained.parameters())) > 1e-6
+
+
+def test_embedding_clip_share_errors():
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"privacy.embedding_clip_share must be in \[0, 1\).*got {bad}"):
+            PrivacyConfig(embedding_clip_share=bad)
+    from privacy.dp import group_clip_bounds
+    with pytest.raises(ValueError, match="embedding_clip_share must be in \\(0, 1\\) for group clipping, got 0"):
+        group_clip_bounds(model(), 1.0, 0)
