@@ -16,6 +16,7 @@ not mitigated: the guarantee is the textbook one for ideal Gaussian noise.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -157,34 +158,36 @@ def group_clip_bounds(model: SASRec, max_grad_norm: float, embedding_clip_share:
             for p in model.parameters() if p.requires_grad]
 
 
+@functools.cache
 def _group_clipping_optimizer():
-    """Opacus' ``DPOptimizer`` with flat clipping inside each group of parameters (built on first use:
-    Opacus is imported lazily)."""
+    """(Opacus' ``DPOptimizer``, its subclass with flat clipping inside each group of parameters), built
+    once (Opacus is imported lazily)."""
     from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
     class GroupClipDPOptimizer(DPOptimizer):
-        """Clips each user's gradient restricted to each group to that group's bound (``group_bounds``:
-        one per parameter, equal within a group); noise and accounting are DPOptimizer's, at
-        ``max_grad_norm`` = the root of the sum of the groups' squared bounds."""
+        """Clips each user's gradient restricted to each group to that group's bound; noise and
+        accounting are DPOptimizer's, at ``max_grad_norm`` = the root of the sum of the groups' squared
+        bounds. ``group_bounds``: one per parameter; ``group_of``: one group index per parameter (two
+        groups may have equal bounds, so the index, not the bound, says which group a parameter is in)."""
 
         group_bounds: list[float]
+        group_of: list[int]
 
         def clip_and_accumulate(self) -> None:
             samples = self.grad_samples
-            bounds = sorted(set(self.group_bounds))
-            n = len(samples[0])
             factors = {}
-            for b in bounds:
-                if n == 0:  # empty Poisson batch
-                    factors[b] = torch.zeros((0,), device=samples[0].device)
+            for k in sorted(set(self.group_of)):
+                if len(samples[0]) == 0:  # empty Poisson batch
+                    factors[k] = torch.zeros((0,), device=samples[0].device)
                     continue
-                norms = [g.reshape(len(g), -1).norm(2, dim=-1)
-                         for g, gb in zip(samples, self.group_bounds) if gb == b]
-                factors[b] = (b / (torch.stack(norms, dim=1).norm(2, dim=1) + 1e-6)).clamp(max=1.0)
-            for p, b in zip(self.params, self.group_bounds):
+                members = [i for i, g in enumerate(self.group_of) if g == k]
+                norm = torch.stack([samples[i].reshape(len(samples[i]), -1).norm(2, dim=-1) for i in members],
+                                   dim=1).norm(2, dim=1)
+                factors[k] = (self.group_bounds[members[0]] / (norm + 1e-6)).clamp(max=1.0)
+            for p, k in zip(self.params, self.group_of):
                 _check_processed_flag(p.grad_sample)
                 grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-                grad = torch.einsum("i,i...", factors[b].to(grad_sample.device, p.dtype), grad_sample)
+                grad = torch.einsum("i,i...", factors[k].to(grad_sample.device, p.dtype), grad_sample)
                 p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
                 _mark_as_processed(p.grad_sample)
 
@@ -262,6 +265,8 @@ def dp_local_train(
             raise RuntimeError(f"{len(bounds)} clipping bounds for {len(dp_optimizer.params)} parameters")
         dp_optimizer.__class__ = grouped  # same state; only clip_and_accumulate differs
         dp_optimizer.group_bounds = bounds
+        emb = model.item_emb.weight
+        dp_optimizer.group_of = [0 if p is emb else 1 for p in dp_optimizer.params]
     if sgd:  # Opacus divides by its expected batch size; make the step -lr * (sum + noise) / n
         for group in dp_optimizer.param_groups:
             group["lr"] = config.lr * dp_optimizer.expected_batch_size / len(batches)

@@ -159,7 +159,8 @@ def test_pieces_of_a_poisson_batch_give_the_same_step_as_one_piece():
         PrivacyConfig(physical_batch_size=0)
 
 
-def test_group_clipping_clips_the_embedding_table_and_the_rest_separately():
+@pytest.mark.parametrize("share", [0.8, 0.5])  # at 0.5 both groups have the same bound and stay two groups
+def test_group_clipping_clips_the_embedding_table_and_the_rest_separately(share):
     # q = 1 (every user in the one step), no noise, plain SGD: the update must be
     # -lr * sum_u clip(g_u) / n with each user's embedding part clipped to C sqrt(s) and the rest
     # to C sqrt(1 - s), computed here one user at a time without Opacus
@@ -170,7 +171,7 @@ def test_group_clipping_clips_the_embedding_table_and_the_rest_separately():
     from core_model.train import SequenceBatches
     from privacy.dp import group_clip_bounds
 
-    data, clip, share = users(10), 0.05, 0.8
+    data, clip = users(10), 0.05
     plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, max_grad_norm=clip, embedding_clip_share=share),
                    num_users=10, batch_size=10, planned_epochs=1)
     assert plan.embedding_clip_share == share
