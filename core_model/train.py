@@ -62,7 +62,14 @@ class TrainConfig:
     federated client's local update and DP-SGD keep one example per user (under DP-SGD the user is
     the unit of privacy), so ``local_train`` and ``dp_local_train`` refuse it. ``"auto"`` (the
     default) is ``"windows"`` in ``fit`` and ``"last"`` in ``local_train`` and ``dp_local_train``;
-    :func:`resolve_long_histories` says which one a trainer uses.
+    :func:`resolve_long_histories` says which one a trainer uses. ``"random"`` is for those two
+    per-user trainers: the histories are cut into the same windows, and each time a user is drawn
+    (every local epoch; every DP-SGD step the user is sampled in) one of that user's windows, drawn
+    with probability proportional to its positions, is the user's one example
+    (:meth:`SequenceBatches.draw_windows`). A user stays one example per step, so DP-SGD's unit of
+    privacy and its accounting are unchanged, and over the rounds every position is trained on; the
+    expected (unclipped) gradient is that of the user's mean loss over the whole history. ``fit``
+    refuses it (it trains on every window every epoch with ``"windows"``).
     """
 
     epochs: int = 90
@@ -101,7 +108,7 @@ class TrainConfig:
             ("user_sampling", self.user_sampling in ("uniform", "by-length"), "'uniform' or 'by-length'"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1 or None"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
-            ("long_histories", self.long_histories in LONG_HISTORIES, "'auto', 'last' or 'windows'"),
+            ("long_histories", self.long_histories in LONG_HISTORIES, "'auto', 'last', 'windows' or 'random'"),
         ]
         check_fields(self, checks)
 
@@ -109,24 +116,28 @@ class TrainConfig:
         return asdict(self)
 
 
-LONG_HISTORIES = ("auto", "last", "windows")
+LONG_HISTORIES = ("auto", "last", "windows", "random")
 
 
 def resolve_long_histories(value: str, *, per_user: bool, why: str = "") -> str:
-    """The ``train.long_histories`` a trainer uses: ``"last"`` or ``"windows"``.
+    """The ``train.long_histories`` a trainer uses: ``"last"``, ``"windows"`` or ``"random"``.
 
     ``per_user=True`` is a trainer whose example is the user (a federated client's local update,
-    DP-SGD): ``"auto"`` is ``"last"`` there and ``"windows"`` is refused with ``why``. Otherwise
-    (centralized ``fit``) ``"auto"`` is ``"windows"``.
+    DP-SGD): ``"auto"`` is ``"last"`` there, ``"random"`` stays, and ``"windows"`` is refused with
+    ``why``. Otherwise (centralized ``fit``) ``"auto"`` is ``"windows"`` and ``"random"`` is refused.
     """
     if value not in LONG_HISTORIES:
         raise ValueError(f"train.long_histories must be one of {LONG_HISTORIES}, got {value!r}")
     if not per_user:
+        if value == "random":
+            raise ValueError("train.long_histories='random' is for trainers whose example is the user (a "
+                             "federated client's local update, DP-SGD); centralized training trains on "
+                             "every window every epoch with 'windows' (expected 'auto', 'last' or 'windows')")
         return "windows" if value == "auto" else value
     if value == "windows":
         raise ValueError(f"train.long_histories='windows' is for centralized training only: {why} "
-                         "(expected 'auto' or 'last')")
-    return "last"
+                         "(expected 'auto', 'last' or 'random')")
+    return "random" if value == "random" else "last"
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -150,7 +161,8 @@ class SequenceBatches:
     the ``max_len`` before them, and so on (the earliest window is shorter); every position is a
     target exactly once, and the targets at the start of a window see only that window's items,
     as at the start of a truncated history. ``owners[row]`` is the user (index into ``train``) a
-    row belongs to. Rows are then the examples of an epoch: not for DP-SGD, whose unit is the user.
+    row belongs to. Rows are then the examples of an epoch: not for DP-SGD, whose unit is the user,
+    unless each step takes one window per user (:meth:`draw_windows`, ``long_histories="random"``).
     """
 
     def __init__(self, train: Sequence[np.ndarray], max_len: int, *, windows: bool = False) -> None:
@@ -177,6 +189,37 @@ class SequenceBatches:
             self.lengths[row] = m
         self.max_len = max_len
         self.num_users = len(seqs)
+        # a user's rows are consecutive: first_row[u] .. first_row[u] + row_count[u] - 1
+        self.row_count = np.bincount(self.owners, minlength=self.num_users)
+        self.first_row = np.concatenate([[0], np.cumsum(self.row_count)[:-1]]).astype(np.int64)
+
+    def draw_windows(self, users: np.ndarray, generator: np.random.Generator) -> np.ndarray:
+        """One row per user in ``users``: one of that user's windows, drawn with probability
+        proportional to its positions (a user without positions gets their one, empty, row).
+
+        With ``windows=False`` every user has one row and that row is returned. The expected loss
+        of the drawn window is the user's mean loss over all their positions.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        if len(users) and (users.min() < 0 or users.max() >= self.num_users):
+            raise ValueError(f"users must be in [0, {self.num_users}), got {users.min()}..{users.max()}")
+        cum = np.cumsum(self.lengths)  # positions up to and including each row
+        before = np.where(self.first_row[users] > 0, cum[self.first_row[users] - 1], 0)
+        total = cum[self.first_row[users] + self.row_count[users] - 1] - before
+        pick = before + np.floor(generator.random(len(users)) * total).astype(np.int64)
+        rows = np.searchsorted(cum, pick, side="right")
+        return np.where(total > 0, rows, self.first_row[users])
+
+    def select(self, rows: np.ndarray) -> SequenceBatches:
+        """A new set of batches made of ``rows`` (in that order): one epoch's drawn windows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = object.__new__(SequenceBatches)
+        out.inputs, out.targets = self.inputs[rows], self.targets[rows]
+        out.lengths, out.owners = self.lengths[rows], self.owners[rows]
+        out.max_len, out.num_users = self.max_len, self.num_users
+        out.row_count = np.bincount(out.owners, minlength=self.num_users)
+        out.first_row = np.concatenate([[0], np.cumsum(out.row_count)[:-1]]).astype(np.int64)
+        return out
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -410,9 +453,10 @@ def local_train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    resolve_long_histories(config.long_histories, per_user=True,
-                           why="a client's local update keeps one row per user")
-    batches = SequenceBatches(train, model.config.max_len)
+    mode = resolve_long_histories(config.long_histories, per_user=True,
+                                  why="a client's local update keeps one row per user")
+    windows = SequenceBatches(train, model.config.max_len, windows=mode == "random")
+    batches = windows
     optimizer = make_optimizer(model, config)
     # a local epoch is a pass over every user of the client (by-length sampling is for ``fit``)
     flat = TrainConfig(**{**config.to_dict(), "schedule": "constant", "warmup_epochs": 0.0,
@@ -420,11 +464,13 @@ def local_train(
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     first, stats = None, {}
     for epoch in range(epochs):
+        if mode == "random":  # each epoch one window per user
+            batches = windows.select(windows.draw_windows(np.arange(windows.num_users), rng))
         stats = train_epoch(model, batches, optimizer, config=flat, epoch=epoch, rng=rng, generator=generator,
                             device=device, proximal_mu=proximal_mu, anchor=anchor)
         first = stats["loss"] if first is None else first
     release_freed_memory()  # a client idles between rounds: give its free pages back
-    return {"loss": stats["loss"], "first_epoch_loss": first, "users": len(batches),
+    return {"loss": stats["loss"], "first_epoch_loss": first, "users": windows.num_users,
             "seconds": stats["seconds"] * epochs}
 
 

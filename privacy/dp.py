@@ -230,8 +230,8 @@ def dp_local_train(
     """
     if physical_batch_size < 1:
         raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
-    resolve_long_histories(config.long_histories, per_user=True,
-                           why="windows would make a user several examples, and DP-SGD's unit of privacy is the user")
+    mode = resolve_long_histories(config.long_histories, per_user=True,
+                                  why="windows would make a user several examples, and DP-SGD's unit of privacy is the user")
     from opacus import PrivacyEngine
 
     if len(train) != plan.num_users:
@@ -240,14 +240,17 @@ def dp_local_train(
     keep_freed_memory()
     model.to(device)
     model.packed = False  # one row per user through every layer: per-user gradients need it
-    batches = SequenceBatches(train, model.config.max_len)
+    # "random": the histories cut into windows, and a sampled user's example is one of their windows,
+    # drawn afresh each step (still one clipped example per user per step: same sensitivity, same accounting)
+    batches = SequenceBatches(train, model.config.max_len, windows=mode == "random")
+    window_rng = np.random.default_rng()  # OS-seeded; which window is drawn does not affect the guarantee
     flat = replace(config, schedule="constant", warmup_epochs=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr) if sgd else make_optimizer(model, flat)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     # Opacus samples at 1 / len(loader): exactly steps_per_epoch index chunks (their contents are not used)
-    chunks = [c.tolist() for c in np.array_split(np.arange(len(batches)), plan.steps_per_epoch)]
-    loader = DataLoader(TensorDataset(torch.arange(len(batches))), batch_sampler=chunks, generator=_os_seeded())
+    chunks = [c.tolist() for c in np.array_split(np.arange(batches.num_users), plan.steps_per_epoch)]
+    loader = DataLoader(TensorDataset(torch.arange(batches.num_users)), batch_sampler=chunks, generator=_os_seeded())
     with warnings.catch_warnings():
         # stated in the module docstring: sampling and noise come from OS-seeded torch generators
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -269,7 +272,7 @@ def dp_local_train(
         dp_optimizer.group_of = [0 if p is emb else 1 for p in dp_optimizer.params]
     if sgd:  # Opacus divides by its expected batch size; make the step -lr * (sum + noise) / n
         for group in dp_optimizer.param_groups:
-            group["lr"] = config.lr * dp_optimizer.expected_batch_size / len(batches)
+            group["lr"] = config.lr * dp_optimizer.expected_batch_size / batches.num_users
     negatives_rng = _os_seeded()
     steps, sampled, start = 0, 0, time.perf_counter()
     total, seen = 0.0, 0
@@ -290,7 +293,7 @@ def dp_local_train(
                     dp_optimizer.step()
                     steps += 1
                     continue
-                idx = rows.numpy()
+                idx = batches.draw_windows(rows.numpy(), window_rng)  # user -> row (the user's own row for "last")
                 idx = idx[np.argsort(batches.lengths[idx], kind="stable")]
                 pieces = [idx[k:k + physical_batch_size] for k in range(0, len(idx), physical_batch_size)]
                 for j, piece in enumerate(pieces):

@@ -232,3 +232,41 @@ def test_auto_long_histories_are_windows_centrally_and_one_row_per_user_elsewher
     plan = DPPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_epoch=2, max_grad_norm=1.0, delta=1e-5,
                   accountant="prv", num_users=4)
     assert dp_local_train(model, seqs, cfg, plan, epochs=1)["steps"] == 2
+
+
+def test_draw_windows_picks_one_window_per_user_in_proportion_to_its_positions():
+    seqs = [np.arange(1, 12), np.arange(20, 24), np.array([30])]  # windows of 4, 4, 2 positions; 3; none
+    b = SequenceBatches(seqs, max_len=4, windows=True)
+    assert b.first_row.tolist() == [0, 3, 4] and b.row_count.tolist() == [3, 1, 1]
+    rng = np.random.default_rng(0)
+    draws = np.stack([b.draw_windows(np.array([0, 1, 2]), rng) for _ in range(20000)])
+    assert set(draws[:, 1]) == {3} and set(draws[:, 2]) == {4}
+    share = np.bincount(draws[:, 0], minlength=3) / len(draws)
+    assert np.allclose(share, [0.4, 0.4, 0.2], atol=0.015)
+    picked = b.select(b.draw_windows(np.array([2, 0]), rng))
+    assert picked.owners.tolist() == [2, 0] and len(picked) == 2 and picked.row_count.tolist() == [1, 0, 1]
+    last = SequenceBatches(seqs, max_len=4)  # one row per user: that row
+    assert last.draw_windows(np.array([2, 0, 1]), rng).tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match=r"users must be in \[0, 3\), got 0..3"):
+        b.draw_windows(np.array([0, 3]), rng)
+
+
+def test_random_windows_are_for_per_user_trainers_and_reach_the_early_history(monkeypatch):
+    from core_model.train import local_train, resolve_long_histories
+
+    assert resolve_long_histories("random", per_user=True) == "random"
+    with pytest.raises(ValueError, match="long_histories='random' is for trainers whose example is the user"):
+        resolve_long_histories("random", per_user=False)
+    seqs = [np.concatenate([np.full(4, 1 + u), np.full(5, 5 + u)]) for u in range(3)]  # 2 windows of 4
+    seen = []
+    original = SequenceBatches.batch
+    monkeypatch.setattr(SequenceBatches, "batch",
+                        lambda self, rows: seen.append(original(self, rows)[1]) or original(self, rows))
+    for mode, early in (("last", False), ("random", True)):
+        seen.clear()
+        model = SASRec(ModelConfig(num_items=9, max_len=4, d_model=8, num_blocks=1))
+        cfg = TrainConfig(long_histories=mode, precision="fp32", batch_size=3)
+        stats = local_train(model, seqs, cfg, epochs=12, seed=0)
+        assert stats["users"] == 3
+        targets = torch.cat([t.flatten() for t in seen])
+        assert bool(((targets >= 1) & (targets <= 3)).any()) == early  # items 1-3 only in the first window

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,31 @@ def test_embedding_clip_share_errors():
     from privacy.dp import group_clip_bounds
     with pytest.raises(ValueError, match="embedding_clip_share must be in \\(0, 1\\) for group clipping, got 0"):
         group_clip_bounds(model(), 1.0, 0)
+
+
+@pytest.mark.parametrize("long_histories", ["last", "random"])
+def test_random_windows_reach_the_early_history_and_keep_one_example_per_user(monkeypatch, long_histories):
+    from core_model.train import SequenceBatches
+
+    T = model().config.max_len
+    # 6 users with 3 windows each: items 1-4 only in the earliest window, 9-12 only in the last
+    data = [np.concatenate([np.full(T, 1 + u % 4), np.full(T, 5 + u % 4), np.full(T + 1, 9 + u % 4)])
+            for u in range(6)]
+    calls = []
+    original = SequenceBatches.batch
+
+    def recording(self, rows):
+        calls.append((self.owners[rows].copy(), original(self, rows)[1]))
+        return original(self, rows)
+
+    monkeypatch.setattr(SequenceBatches, "batch", recording)
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), num_users=6, batch_size=6, planned_epochs=20)
+    cfg = replace(TRAIN, long_histories=long_histories)
+    stats = dp_local_train(model(), data, cfg, plan, epochs=20)
+    owners = [o for o, _ in calls]
+    assert sum(len(o) for o in owners) == stats["users_sampled"] > 0
+    assert all(len(set(o.tolist())) == len(o) for o in owners)  # each user at most one row per step
+    targets = torch.cat([t.flatten() for _, t in calls])
+    early = bool(((targets >= 1) & (targets <= 4)).any())
+    assert early == (long_histories == "random")  # "last" never sees the earliest window
+    assert bool(((targets >= 9) & (targets <= 12)).any())
