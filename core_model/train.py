@@ -189,9 +189,14 @@ class SequenceBatches:
             self.lengths[row] = m
         self.max_len = max_len
         self.num_users = len(seqs)
-        # a user's rows are consecutive: first_row[u] .. first_row[u] + row_count[u] - 1
+        self._index_users()
+
+    def _index_users(self) -> None:
+        """Where each user's rows are (consecutive: ``first_row[u]`` .. ``+ row_count[u] - 1``) and the
+        running count of positions (for :meth:`draw_windows`); built once, not at every draw."""
         self.row_count = np.bincount(self.owners, minlength=self.num_users)
         self.first_row = np.concatenate([[0], np.cumsum(self.row_count)[:-1]]).astype(np.int64)
+        self.cum_lengths = np.cumsum(self.lengths)  # positions up to and including each row
 
     def draw_windows(self, users: np.ndarray, generator: np.random.Generator) -> np.ndarray:
         """One row per user in ``users``: one of that user's windows, drawn with probability
@@ -203,7 +208,7 @@ class SequenceBatches:
         users = np.asarray(users, dtype=np.int64)
         if len(users) and (users.min() < 0 or users.max() >= self.num_users):
             raise ValueError(f"users must be in [0, {self.num_users}), got {users.min()}..{users.max()}")
-        cum = np.cumsum(self.lengths)  # positions up to and including each row
+        cum = self.cum_lengths
         before = np.where(self.first_row[users] > 0, cum[self.first_row[users] - 1], 0)
         total = cum[self.first_row[users] + self.row_count[users] - 1] - before
         pick = before + np.floor(generator.random(len(users)) * total).astype(np.int64)
@@ -217,8 +222,7 @@ class SequenceBatches:
         out.inputs, out.targets = self.inputs[rows], self.targets[rows]
         out.lengths, out.owners = self.lengths[rows], self.owners[rows]
         out.max_len, out.num_users = self.max_len, self.num_users
-        out.row_count = np.bincount(out.owners, minlength=self.num_users)
-        out.first_row = np.concatenate([[0], np.cumsum(out.row_count)[:-1]]).astype(np.int64)
+        out._index_users()
         return out
 
     def __len__(self) -> int:
