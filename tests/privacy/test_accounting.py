@@ -155,3 +155,46 @@ def test_noise_for_target_rejects_bad_input(kwargs, needle):
     with pytest.raises(ValueError) as info:
         noise_for_target_epsilon(**args)
     assert needle in str(info.value)
+
+
+# The cached one-step RDP (privacy/accounting.py) must give exactly stock Opacus' numbers: the PRV
+# accountant's domain and the RDP epsilon are built from it, and a noise-multiplier search mirrors
+# Opacus' bisection. Equality is exact (==), so a change in how Opacus sizes the domain fails here.
+HISTORIES = [
+    [(3.477, 0.5, 150)],                       # the ML-1M distributed-noise configuration at epsilon 8
+    [(1.0, 0.1, 1000)],                        # FACTS.md's golden configuration
+    [(1.0, 0.01, 1000), (2.0, 0.1, 30)],       # heterogeneous: a policy change mid-run
+    [(0.8, 0.3, 7), (0.8, 0.25, 3), (1.6, 1.0, 2)],
+    [(3.477, 0.5, 1)],                         # one step
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES, ids=range(len(HISTORIES)))
+@pytest.mark.parametrize("delta", [1e-5, 6.8e-5, 1 / 600])
+def test_epsilon_equals_stock_opacus_exactly(history, delta):
+    ours = PrivacyAccountant(history)
+    for name, stock in (("prv", PRVAccountant()), ("rdp", RDPAccountant())):
+        stock.history = list(history)
+        expected = stock.get_epsilon(delta)
+        assert ours.epsilon(delta, name) == expected, (name, history, delta)
+        assert ours.epsilon(delta, name) == expected  # again, from the cache
+
+
+@pytest.mark.parametrize("target,q,steps,accountant", [
+    (8.0, 0.5, 150, "prv"), (4.0, 0.1, 40, "prv"), (1.0, 0.05, 300, "rdp"), (2.0, 1.0, 10, "prv")])
+def test_noise_for_target_equals_opacus_search(target, q, steps, accountant):
+    from opacus.accountants.utils import get_noise_multiplier
+    expected = get_noise_multiplier(target_epsilon=target, target_delta=DELTA, sample_rate=q, steps=steps,
+                                    accountant=accountant, epsilon_tolerance=0.01)
+    ours = noise_for_target_epsilon(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps,
+                                    accountant=accountant)
+    assert ours == expected
+    assert target - 0.01 <= epsilon_of(ours, q, steps, DELTA, accountant) <= target
+
+
+def test_noise_for_unreachable_target_names_the_request():
+    # 1e9 full-batch steps: even sigma 1e6 spends ~0.2 (RDP: PRV's mesh would not fit in memory)
+    with pytest.raises(ValueError) as info:
+        noise_for_target_epsilon(target_epsilon=0.02, delta=1e-12, sample_rate=1.0, steps=10 ** 9,
+                                 accountant="rdp", epsilon_tolerance=0.001)
+    assert "no noise multiplier up to 1e+06 reaches target_epsilon=0.02 at delta=1e-12" in str(info.value)
