@@ -37,6 +37,12 @@ from privacy.accounting import PrivacyAccountant, noise_for_target_epsilon  # no
 CLIENT_SIZES = (662, 662, 441, 386, 607, 659, 430, 419, 306, 1468)
 
 
+def _medians(stock: list[float], ours: list[float], scale: float, unit: str) -> str:
+    """``median X stock, Y ours: Rx`` (the ratio is the figure: the machine is shared)."""
+    a, b = statistics.median(stock), statistics.median(ours)
+    return f"median {a * scale:.1f} {unit} stock, {b * scale:.1f} {unit} ours: {a / b:.1f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=150)
@@ -62,8 +68,7 @@ def main() -> None:
         if got != expected:
             raise SystemExit(f"round {r}: epsilon {got} != stock Opacus {expected}")
     print(f"epsilon after each of {args.rounds} rounds (sigma {sigma}, q {q}, delta {delta}; final {got:.4f}, equal "
-          f"to stock Opacus every round): median {statistics.median(stock_t) * 1e3:.0f} ms stock, "
-          f"{statistics.median(ours_t) * 1e3:.0f} ms ours: {statistics.median(stock_t) / statistics.median(ours_t):.1f}x")
+          f"to stock Opacus every round): {_medians(stock_t, ours_t, 1e3, 'ms')}")
 
     ours_s, stock_s = [], []
     for _ in range(args.repeats):
@@ -79,8 +84,7 @@ def main() -> None:
         if mine != theirs:
             raise SystemExit(f"noise multipliers differ: {mine} vs {theirs}")
     print(f"noise search for the {len(CLIENT_SIZES)} clients (epsilon 8, q {q}, 150 steps; largest multiplier "
-          f"{max(mine):.4f}, equal to Opacus'): median {statistics.median(stock_s):.1f} s stock, "
-          f"{statistics.median(ours_s):.1f} s ours: {statistics.median(stock_s) / statistics.median(ours_s):.1f}x")
+          f"{max(mine):.4f}, equal to Opacus'): {_medians(stock_s, ours_s, 1.0, 's')}")
 
 
 if __name__ == "__main__":
