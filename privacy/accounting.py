@@ -275,21 +275,19 @@ def noise_for_target_epsilon(
         raise ValueError(f"epsilon_tolerance must be in (0, target_epsilon), got {epsilon_tolerance!r}")
     from opacus.accountants.utils import MAX_SIGMA
 
-    target, q = float(target_epsilon), float(sample_rate)
-    eps_high, sigma_low, sigma = math.inf, 0.0, 10.0
-    sigma_high = sigma
+    target, q, steps = float(target_epsilon), float(sample_rate), int(steps)
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
     while eps_high > target:
         sigma_high = 2 * sigma_high
-        eps_high = _epsilon([(sigma_high, q, int(steps))], delta, name)
+        eps_high = _epsilon([(sigma_high, q, steps)], delta, name)
         if sigma_high > MAX_SIGMA:
             raise ValueError(f"no noise multiplier up to {MAX_SIGMA:g} reaches target_epsilon={target_epsilon!r} at "
                              f"delta={delta!r} over {steps} steps at sample_rate={sample_rate!r}")
     while target - eps_high > epsilon_tolerance:
         sigma = (sigma_low + sigma_high) / 2
-        eps = _epsilon([(sigma, q, int(steps))], delta, name)
+        eps = _epsilon([(sigma, q, steps)], delta, name)
         if eps < target:
             sigma_high, eps_high = sigma, eps
         else:
             sigma_low = sigma
-    sigma = sigma_high
-    return float(sigma)
+    return sigma_high
