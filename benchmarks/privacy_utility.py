@@ -21,7 +21,9 @@ round, the noise shared out among the clients; docs/privacy.md) every client mus
 noise multiplier, so for each target the script sets ``privacy.noise_multiplier`` to the largest
 of the clients' own calibrations over ``federation.num_rounds`` steps
 (``privacy.dp.shared_noise_multiplier``): the client with the highest sample rate or the smallest
-delta spends exactly the target, the others less.
+delta spends exactly the target, the others less. With ``--rates-for-epsilon`` each client then
+samples at its own rate, the one with which that multiplier spends exactly the target at its delta
+(``privacy.sample_rate_for_epsilon``): every client spends the whole target.
 """
 
 from __future__ import annotations
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--existing", action="append", default=[], metavar="EPS=RUN_DIR",
                         help="take the point for target EPS from this finished run (same settings but the "
                              "noise multiplier, checked) instead of running it; repeatable")
+    parser.add_argument("--rates-for-epsilon", action="store_true",
+                        help="distributed noise: after choosing the shared multiplier as without this flag, let "
+                             "every client sample at the rate with which it spends the target "
+                             "(privacy.sample_rate_for_epsilon) instead of the one rate privacy.sample_rate")
     args = parser.parse_args(argv)
     base = data_settings(*DATASETS[args.dataset], args.data_root)
     if base is None:
@@ -163,15 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:  # one multiplier for every client, from every client's size
         _, _, partition = load_federation(probe)
         sizes = [len(r) for r in partition.rows]
+    if args.rates_for_epsilon and not distributed:
+        raise SystemExit("--rates-for-epsilon needs --set privacy.noise_placement='\"distributed\"' (one multiplier "
+                         "shared by every client, one step per round)")
     for eps in args.epsilons:
+        # --rates-for-epsilon: the multiplier as without it, then every client samples at its own rate for eps
+        rates = ["privacy.sample_rate=0", f"privacy.sample_rate_for_epsilon={eps!r}"] if args.rates_for_epsilon else []
         if not distributed:
             cfg = load_config(None, [*common, f"privacy.target_epsilon={eps}"])
         elif eps in existing:
-            cfg = probe  # the multiplier is not compared: the run's ledgers state the one it used
+            # the multiplier is not compared: the run's ledgers state the one it used
+            cfg = load_config(None, [*common, "privacy.noise_multiplier=1.0", *rates])
         else:
             sigma = shared_noise_multiplier(probe.privacy, client_sizes=sizes, batch_size=probe.train.batch_size,
                                             target_epsilon=eps, steps=probe.federation.num_rounds)
-            cfg = load_config(None, [*common, f"privacy.noise_multiplier={sigma!r}"])
+            cfg = load_config(None, [*common, f"privacy.noise_multiplier={sigma!r}", *rates])
         run_dir = root / f"eps-{eps:g}"
         start = time.perf_counter()
         if eps in existing:
@@ -191,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                "accountant": cfg.privacy.accountant, "max_grad_norm": cfg.privacy.max_grad_norm,
                "noise_multiplier_range": [min(c["noise_multiplier"] for c in clients.values()),
                                           max(c["noise_multiplier"] for c in clients.values())],
+               "sample_rate_range": [min(c["sample_rate"] for c in clients.values()),
+                                     max(c["sample_rate"] for c in clients.values())],
                "rounds": results["rounds"], "test": results["test"], "wall_minutes": wall / 60,
                **{k: results[k] for k in ("served_weights", "test_last_iterate") if k in results},
                "reused": eps in existing,
@@ -199,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target epsilon {eps:g}: NDCG@10 {row['test']['ndcg@10']:.4f} HR@10 {row['test']['hr@10']:.4f}; "
               f"spent epsilon <= {row['epsilon_max']:.3f} at delta <= {row['delta_max']:.2e} "
               f"({row['accountant'].upper()}, user-level, max over clients); noise "
-              f"{row['noise_multiplier_range'][0]:.3f}-{row['noise_multiplier_range'][1]:.3f}; "
+              f"{row['noise_multiplier_range'][0]:.3f}-{row['noise_multiplier_range'][1]:.3f}, sample rate "
+              f"{row['sample_rate_range'][0]:.4f}-{row['sample_rate_range'][1]:.4f}; "
               f"{wall / 60:.1f} min" + (f"; {results['served_weights']}, the last iterate: NDCG@10 "
                                         f"{results['test_last_iterate']['ndcg@10']:.4f}"
                                         if "test_last_iterate" in results else ""), flush=True)

@@ -193,6 +193,13 @@ class PrivacyConfig:
     instead, so a client's expected batch is q n; every client then spends the same epsilon per
     step (with q from ``train.batch_size``, larger clients sample at lower rates and spend less
     than the smallest). A client needs at least k users.
+    ``sample_rate_for_epsilon`` e (0: off; distributed noise only, with ``noise_multiplier``): each
+    client samples at the largest rate q <= 1 with which ``federation.num_rounds`` steps at
+    ``noise_multiplier`` spend exactly epsilon e at its own delta
+    (:func:`privacy.accounting.sample_rate_for_target_epsilon`), so every client spends its whole
+    budget instead of only the one with the smallest delta (with one q everywhere the others spend
+    less). Clients then differ in rate: a smaller client, with its larger delta, samples a little
+    more often. Each client computes its rate from its own size; nothing else is needed.
     ``embedding_clip_share`` s (0: flat clipping): clip each user's gradient in two groups, the
     item-embedding table to ``max_grad_norm * sqrt(s)`` and all other parameters together to
     ``max_grad_norm * sqrt(1 - s)``; the whole gradient stays within ``max_grad_norm``, so noise and
@@ -256,6 +263,7 @@ class PrivacyConfig:
     noise_placement: str = "local"
     distributed_min_clients: int = 0
     sample_rate: float = 0.0
+    sample_rate_for_epsilon: float = 0.0
     embedding_clip_share: float = 0.0
 
     @property
@@ -283,6 +291,12 @@ class PrivacyConfig:
                                                      and abs(1 / self.sample_rate - round(1 / self.sample_rate)) < 1e-9),
              "0 (q = 1 / ceil(n / train.batch_size) per client) or 1/k for an integer k >= 1 (Opacus' Poisson "
              "loader samples at 1 / its number of batches)"),
+            ("sample_rate_for_epsilon", 0 <= self.sample_rate_for_epsilon < math.inf,
+             "a finite number >= 0 (0: off; e > 0: each client samples at the rate that spends epsilon e)"),
+            ("sample_rate_for_epsilon", not (dp and self.sample_rate_for_epsilon > 0)
+             or (self.noise_placement == "distributed" and self.sample_rate == 0),
+             "0 unless privacy.noise_placement='distributed' (one step per round, so the steps are known before "
+             "the rate) and privacy.sample_rate=0 (the rate is derived from the epsilon instead)"),
             ("embedding_clip_share", 0 <= self.embedding_clip_share < 1,
              "in [0, 1): 0 clips each user's whole gradient to max_grad_norm (flat); s > 0 clips the item-embedding "
              "table to max_grad_norm*sqrt(s) and the other parameters to max_grad_norm*sqrt(1-s)"),

@@ -291,3 +291,51 @@ def noise_for_target_epsilon(
         else:
             sigma_low = sigma
     return sigma_high
+
+
+@functools.lru_cache(maxsize=256)
+def sample_rate_for_target_epsilon(
+    *,
+    target_epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    steps: int,
+    accountant: str = "prv",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The largest Poisson sample rate with which ``steps`` steps at ``noise_multiplier`` spend ``target_epsilon``.
+
+    The counterpart of :func:`noise_for_target_epsilon` for a noise multiplier that is fixed, as it
+    is when every client's noise share must add up to one multiplier (distributed noise): a client
+    then spends its whole budget by sampling its users at the returned rate ``q``, for which
+    ``target_epsilon - epsilon_tolerance <= eps(q) <= target_epsilon``; or ``q = 1`` when even
+    sampling every user at every step spends no more than the target. Bisection on ``q`` (epsilon
+    grows with ``q``), each candidate's epsilon from this module's accountants. Cached per process:
+    a client plans with it every round.
+    """
+    if not _is_number(target_epsilon) or not 0 < target_epsilon < math.inf:
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    delta = _check_delta(delta)
+    name = _check_accountant(accountant)
+    _check_step(noise_multiplier, 1.0, steps)
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be > 0 (no noise spends infinite epsilon), got {noise_multiplier!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not _is_number(epsilon_tolerance) or not 0 < epsilon_tolerance < target_epsilon:
+        raise ValueError(f"epsilon_tolerance must be in (0, target_epsilon), got {epsilon_tolerance!r}")
+    target, sigma, steps = float(target_epsilon), float(noise_multiplier), int(steps)
+    if _epsilon([(sigma, 1.0, steps)], delta, name) <= target:
+        return 1.0
+    q_low, eps_low, q_high = 0.0, 0.0, 1.0
+    while target - eps_low > epsilon_tolerance:
+        q = (q_low + q_high) / 2
+        if q_high - q_low < 1e-12:
+            raise ValueError(f"no sample rate reaches target_epsilon={target_epsilon!r} within {epsilon_tolerance!r} "
+                             f"at noise_multiplier={noise_multiplier!r}, delta={delta!r}, {steps} steps")
+        eps = _epsilon([(sigma, q, steps)], delta, name)
+        if eps <= target:
+            q_low, eps_low = q, eps
+        else:
+            q_high = q
+    return q_low

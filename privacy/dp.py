@@ -34,7 +34,7 @@ from core_model.config import PrivacyConfig
 from core_model.model import SASRec
 from core_model.train import (SequenceBatches, TrainConfig, make_optimizer, resolve_long_histories, sample_negatives,
                               select_device)
-from privacy.accounting import default_delta, noise_for_target_epsilon
+from privacy.accounting import default_delta, noise_for_target_epsilon, sample_rate_for_target_epsilon
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
     """Sampling rate, noise and delta for a client with ``num_users`` users.
 
     q = 1 / ceil(n / B) (Opacus' convention: ``steps_per_epoch`` = ceil(n / B) expected batches of
-    B users), or ``privacy.sample_rate`` = 1/k at every client (``steps_per_epoch`` = k). With
+    B users), or ``privacy.sample_rate`` = 1/k at every client (``steps_per_epoch`` = k), or the
+    rate with which ``planned_steps`` steps at ``privacy.noise_multiplier`` spend
+    ``privacy.sample_rate_for_epsilon`` at this client's delta (``steps_per_epoch`` = ceil(1 / q)). With
     ``privacy.target_epsilon`` the noise is calibrated once so that
     ``planned_epochs`` epochs (the whole run) spend exactly that epsilon at delta, or
     ``planned_steps`` steps when given (distributed noise: one step per round).
@@ -106,15 +108,28 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
         raise ValueError(f"planned_epochs must be >= 1, got {planned_epochs}")
     if planned_steps is not None and planned_steps < 1:
         raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
-    if privacy.sample_rate > 0:
+    delta = privacy.delta or default_delta(num_users)
+    if privacy.sample_rate_for_epsilon > 0:
+        if planned_steps is None or privacy.noise_multiplier <= 0:
+            raise ValueError("privacy.sample_rate_for_epsilon needs the planned steps (distributed noise: one per "
+                             "round) and privacy.noise_multiplier > 0")
+        q = sample_rate_for_target_epsilon(target_epsilon=privacy.sample_rate_for_epsilon, delta=delta,
+                                           noise_multiplier=privacy.noise_multiplier, steps=planned_steps,
+                                           accountant=privacy.accountant)
+        if q * num_users < 1:
+            raise ValueError(f"privacy.sample_rate_for_epsilon={privacy.sample_rate_for_epsilon!r} gives this client "
+                             f"of {num_users} users the rate {q:.4g}, an expected batch below one user; raise the "
+                             f"epsilon or lower privacy.noise_multiplier")
+        steps_per_epoch = math.ceil(1 / q)
+    elif privacy.sample_rate > 0:
         steps_per_epoch = round(1 / privacy.sample_rate)
         if num_users < steps_per_epoch:
             raise ValueError(f"privacy.sample_rate=1/{steps_per_epoch} needs at least {steps_per_epoch} users at a "
                              f"client (an expected batch of at least one user), this client has {num_users}")
+        q = 1.0 / steps_per_epoch
     else:
         steps_per_epoch = math.ceil(num_users / batch_size)
-    q = 1.0 / steps_per_epoch
-    delta = privacy.delta or default_delta(num_users)
+        q = 1.0 / steps_per_epoch
     if privacy.noise_multiplier > 0:
         sigma = privacy.noise_multiplier
     else:
@@ -233,6 +248,9 @@ def dp_local_train(
     mode = resolve_long_histories(config.long_histories, per_user=True,
                                   why="windows would make a user several examples, and DP-SGD's unit of privacy is the user")
     from opacus import PrivacyEngine
+    from opacus.data_loader import wrap_collate_with_empty
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch.utils.data import default_collate
 
     if len(train) != plan.num_users:
         raise ValueError(f"the plan is for {plan.num_users} users, the data has {len(train)}")
@@ -248,17 +266,22 @@ def dp_local_train(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr) if sgd else make_optimizer(model, flat)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    # Opacus samples at 1 / len(loader): exactly steps_per_epoch index chunks (their contents are not used)
-    chunks = [c.tolist() for c in np.array_split(np.arange(batches.num_users), plan.steps_per_epoch)]
-    loader = DataLoader(TensorDataset(torch.arange(batches.num_users)), batch_sampler=chunks, generator=_os_seeded())
+    # Poisson sampling at exactly plan.sample_rate (Opacus' own sampler, which would otherwise use
+    # 1 / len(loader)), steps_per_epoch batches an epoch, empty batches allowed (Opacus' collate wrapper)
+    users = TensorDataset(torch.arange(batches.num_users))
+    sampler = UniformWithReplacementSampler(num_samples=batches.num_users, sample_rate=plan.sample_rate,
+                                            generator=_os_seeded(), steps=plan.steps_per_epoch)
+    loader = DataLoader(users, batch_sampler=sampler, collate_fn=wrap_collate_with_empty(
+        collate_fn=default_collate, sample_empty_shapes=[(0,)], dtypes=[torch.long]))
     with warnings.catch_warnings():
         # stated in the module docstring: sampling and noise come from OS-seeded torch generators
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         engine = PrivacyEngine(accountant="prv")
         module, dp_optimizer, dp_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+            max_grad_norm=plan.max_grad_norm, poisson_sampling=False, grad_sample_mode=grad_sample_mode,
             noise_generator=_os_seeded())
+    module.forbid_grad_accumulation()  # what make_private does with poisson_sampling=True
     if plan.embedding_clip_share:
         base, grouped = _group_clipping_optimizer()
         if type(dp_optimizer) is not base:

@@ -64,3 +64,20 @@ def test_existing_point_is_reused_and_every_mismatch_is_an_error(tmp_path, monke
     (unfinished / "results.json").unlink()
     with pytest.raises(SystemExit, match="does not exist .not a finished run"):
         _run(module, tmp_path, "--epsilons", "8", "--existing", f"8={unfinished}")
+
+
+def test_rates_for_epsilon_make_every_client_spend_the_target(tmp_path, monkeypatch):
+    module = _script(monkeypatch)
+    sets = [*TINY, "federation.partition=dirichlet-size", "federation.dirichlet_alpha=20.0"]  # clients of unequal size
+    assert _run(module, tmp_path, "--epsilons", "8", "--rates-for-epsilon", sets=sets) == 0
+    row = json.loads((tmp_path / "out" / "privacy-utility-t.json").read_text())["rows"][0]
+    clients = row["clients"].values()
+    assert all(8.0 - 0.01 <= c["epsilon"] <= 8.0 for c in clients)  # each its whole budget, none more
+    assert len({c["sample_rate"] for c in clients}) == len({c["delta"] for c in clients}) > 1
+    assert row["sample_rate_range"] == [min(c["sample_rate"] for c in clients), max(c["sample_rate"] for c in clients)]
+    done = tmp_path / "runs" / "eps-8"
+    with pytest.raises(SystemExit, match=r"privacy\.sample_rate is 0\.0 in that run, 0\.5 in this table"):
+        _run(module, tmp_path, "--epsilons", "8", "--existing", f"8={done}", sets=sets)
+    local = [s for s in sets if "noise_placement" not in s]
+    with pytest.raises(SystemExit, match="--rates-for-epsilon needs"):
+        _run(module, tmp_path, "--epsilons", "8", "--rates-for-epsilon", sets=local)

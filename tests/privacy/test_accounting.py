@@ -7,7 +7,8 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.accounting import PrivacyAccountant, default_delta, noise_for_target_epsilon
+from privacy.accounting import (PrivacyAccountant, default_delta, noise_for_target_epsilon,
+                                sample_rate_for_target_epsilon)
 
 ROUNDS = 20
 STEPS_PER_ROUND = 2
@@ -198,3 +199,41 @@ def test_noise_for_unreachable_target_names_the_request():
         noise_for_target_epsilon(target_epsilon=0.02, delta=1e-12, sample_rate=1.0, steps=10 ** 9,
                                  accountant="rdp", epsilon_tolerance=0.001)
     assert "no noise multiplier up to 1e+06 reaches target_epsilon=0.02 at delta=1e-12" in str(info.value)
+
+
+@pytest.mark.parametrize("sigma,steps,delta,accountant", [(3.477, 150, 6.8e-5, "prv"), (1.2, 40, DELTA, "rdp")])
+def test_sample_rate_for_target_spends_just_under_target_and_a_larger_rate_overspends(sigma, steps, delta, accountant):
+    q = sample_rate_for_target_epsilon(target_epsilon=8.0, delta=delta, noise_multiplier=sigma, steps=steps,
+                                       accountant=accountant)
+    assert 0 < q < 1
+    assert 8.0 - 0.01 <= epsilon_of(sigma, q, steps, delta, accountant) <= 8.0
+    assert epsilon_of(sigma, min(1.0, q * 1.02), steps, delta, accountant) > 8.0  # the largest such rate
+
+
+def test_sample_rate_for_target_inverts_the_noise_search():
+    sigma = noise_for_target_epsilon(target_epsilon=8.0, delta=6.8e-5, sample_rate=0.5, steps=150)
+    q = sample_rate_for_target_epsilon(target_epsilon=8.0, delta=6.8e-5, noise_multiplier=sigma, steps=150)
+    assert q == pytest.approx(0.5, abs=0.005)
+    # a larger delta (a smaller client) samples more often at the same multiplier
+    assert sample_rate_for_target_epsilon(target_epsilon=8.0, delta=3.27e-4, noise_multiplier=sigma, steps=150) > q
+
+
+def test_sample_rate_for_target_is_one_when_every_user_every_step_spends_less():
+    q = sample_rate_for_target_epsilon(target_epsilon=8.0, delta=DELTA, noise_multiplier=50.0, steps=10)
+    assert q == 1.0 and epsilon_of(50.0, 1.0, 10, DELTA, "prv") < 8.0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"target_epsilon": -1.0}, "target_epsilon must be a finite number > 0, got -1.0"),
+    ({"delta": 0.0}, "delta must be a number in (0, 1), got 0.0"),
+    ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0 (no noise spends infinite epsilon), got 0.0"),
+    ({"noise_multiplier": -1.0}, "noise_multiplier must be a finite number >= 0, got -1.0"),
+    ({"steps": 0}, "steps must be an int >= 1, got 0"),
+    ({"accountant": "gdp"}, "accountant must be one of"),
+    ({"epsilon_tolerance": 5.0}, "epsilon_tolerance must be in (0, target_epsilon), got 5.0"),
+])
+def test_sample_rate_for_target_rejects_bad_input(kwargs, needle):
+    args = {"target_epsilon": 4.0, "delta": DELTA, "noise_multiplier": 2.0, "steps": 10, **kwargs}
+    with pytest.raises(ValueError) as info:
+        sample_rate_for_target_epsilon(**args)
+    assert needle in str(info.value)

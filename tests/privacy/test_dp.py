@@ -78,6 +78,43 @@ def test_shared_noise_multiplier_is_the_largest_client_calibration():
         shared_noise_multiplier(cfg, client_sizes=[], batch_size=256, target_epsilon=8.0, steps=150)
 
 
+def test_sample_rate_for_epsilon_lets_every_client_spend_the_whole_budget():
+    # distributed noise: one multiplier (set by the largest client at q = 1/2), each client's own rate
+    sizes, steps = (306, 662, 1468), 150
+    base = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, noise_placement="distributed", sample_rate=0.5)
+    sigma = shared_noise_multiplier(base, client_sizes=sizes, batch_size=256, target_epsilon=8.0, steps=steps)
+    cfg = replace(base, noise_multiplier=sigma, sample_rate=0.0, sample_rate_for_epsilon=8.0)
+    plans = [plan_dp(cfg, num_users=n, batch_size=256, planned_epochs=1, planned_steps=steps) for n in sizes]
+    for p in plans:
+        acc = PrivacyAccountant()
+        acc.add(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, steps=steps)
+        assert 8.0 - 0.01 <= acc.epsilon(p.delta) <= 8.0  # every client, not only the largest
+        assert p.noise_multiplier == sigma and p.steps_per_epoch == -(-1 // p.sample_rate)
+    rates = [p.sample_rate for p in plans]
+    assert rates[0] > rates[1] > rates[2] == pytest.approx(0.5, abs=0.005)  # larger delta, higher rate
+    with pytest.raises(ValueError, match="privacy.sample_rate_for_epsilon needs the planned steps"):
+        plan_dp(cfg, num_users=306, batch_size=256, planned_epochs=1)
+    with pytest.raises(ValueError, match=r"gives this client of 3 users the rate .*, an expected batch below one user"):
+        plan_dp(replace(cfg, sample_rate_for_epsilon=0.5), num_users=3, batch_size=256, planned_epochs=1,
+                planned_steps=steps)
+    for bad, needle in [(dict(noise_placement="local"), "0 unless privacy.noise_placement='distributed'"),
+                        (dict(sample_rate=0.5), "and privacy.sample_rate=0"),
+                        (dict(sample_rate_for_epsilon=-1.0), "a finite number >= 0")]:
+        with pytest.raises(ValueError, match=r"privacy.sample_rate_for_epsilon must be .*" + needle.replace("(", r"\(")):
+            replace(cfg, **bad)
+
+
+def test_dp_training_samples_users_at_the_plan_rate_not_one_over_the_batches():
+    # q = 0.3 is no 1/k: the loader has ceil(1/q) = 4 batches an epoch, but each user is in each with p = 0.3
+    n, epochs = 50, 10
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), num_users=n, batch_size=n, planned_epochs=1)
+    plan = replace(plan, sample_rate=0.3, steps_per_epoch=4)
+    stats = dp_local_train(model(), users(n), TRAIN, plan, epochs=epochs)
+    assert stats["steps"] == 40
+    expected, sd = 40 * n * 0.3, (40 * n * 0.3 * 0.7) ** 0.5  # 600 +- 20.5; 1/k = 1/4 would give 500
+    assert abs(stats["users_sampled"] - expected) < 4 * sd
+
+
 def test_privacy_config_errors():
     with pytest.raises(ValueError, match="privacy.noise_multiplier must be > 0 with target_epsilon = 0"):
         PrivacyConfig(mode="dp-sgd")
