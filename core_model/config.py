@@ -101,7 +101,7 @@ class FederationConfig:
       ``server_beta1``, ``server_beta2``, ``server_tau`` (Reddi et al., ICLR 2021). Adam's step does
       not scale with the pseudo-gradient, so the clients' ``lr_schedule`` barely moves it; the
       server's own learning rate follows ``server_lr_schedule``: ``"constant"`` or ``"cosine"``
-      (from ``server_lr`` in round 1 to 10 % of it in the last round).
+      (from ``server_lr`` in round 1 to ``server_lr_final`` times it in the last round; default 0.1).
 
     ``server_ema`` (0: off): the server also keeps an exponential moving average of the global
     weights over the rounds, ``a_t = server_ema * a_(t-1) + (1 - server_ema) * w_t``, divided by
@@ -135,6 +135,7 @@ class FederationConfig:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     server_lr_schedule: str = "constant"
+    server_lr_final: float = 0.1
     server_ema: float = 0.0
     partition: str = "attribute"
     partition_attribute: str = "region"
@@ -162,6 +163,8 @@ class FederationConfig:
             ("server_beta2", 0 <= self.server_beta2 < 1, "in [0, 1)"),
             ("server_tau", self.server_tau > 0, "> 0"),
             ("server_ema", 0 <= self.server_ema < 1, "in [0, 1) (0: off)"),
+            ("server_lr_final", 0 <= self.server_lr_final <= 1,
+             "in [0, 1]: the cosine server schedule's last-round learning rate as a fraction of server_lr"),
             ("partition", self.partition in PARTITIONS, f"one of {PARTITIONS}"),
             ("num_clients", self.num_clients >= 0, ">= 0"),
             ("num_clients", self.partition in ("attribute", "group") or self.num_clients >= 1,

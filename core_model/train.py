@@ -315,10 +315,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def cosine_to_tenth(t: float) -> float:
-    """Cosine decay from 1 at ``t = 0`` to 0.1 at ``t = 1`` (``t`` clamped to [0, 1])."""
+def cosine_to_tenth(t: float, final: float = 0.1) -> float:
+    """Cosine decay from 1 at ``t = 0`` to ``final`` (default 0.1) at ``t = 1`` (``t`` clamped to [0, 1])."""
     t = min(max(t, 0.0), 1.0)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def lr_factor(config: TrainConfig, epoch_progress: float) -> float:

@@ -152,13 +152,13 @@ def client_lr(config: ExperimentConfig, server_round: int) -> float:
 def server_lr(config: ExperimentConfig, server_round: int) -> float:
     """FedAdam's learning rate in ``server_round`` (1-based), per ``federation.server_lr_schedule``."""
     fed = config.federation
-    return _scheduled(fed.server_lr, fed.server_lr_schedule, server_round, fed.num_rounds)
+    return _scheduled(fed.server_lr, fed.server_lr_schedule, server_round, fed.num_rounds, fed.server_lr_final)
 
 
-def _scheduled(peak: float, schedule: str, server_round: int, num_rounds: int) -> float:
+def _scheduled(peak: float, schedule: str, server_round: int, num_rounds: int, final: float = 0.1) -> float:
     if schedule == "constant" or num_rounds == 1:
         return peak
-    return peak * cosine_to_tenth((server_round - 1) / (num_rounds - 1))
+    return peak * cosine_to_tenth((server_round - 1) / (num_rounds - 1), final)
 
 
 def _reply_order(reply: Message) -> tuple:

@@ -113,6 +113,13 @@ def test_server_lr_schedule_over_rounds():
     assert {server_lr(flat, r) for r in range(1, 6)} == {0.02}
     with pytest.raises(ValueError, match="federation.server_lr_schedule must be 'constant' or 'cosine'"):
         load_config(None, ['federation.server_lr_schedule="step"'])
+    to_zero = load_config(None, ["federation.server_lr=0.02", "federation.num_rounds=5",
+                                 'federation.server_lr_schedule="cosine"', "federation.server_lr_final=0.0"])
+    lrs = [server_lr(to_zero, r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[2] == pytest.approx(0.01) and lrs[-1] == 0.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"federation.server_lr_final must be in \[0, 1\].*got {bad}"):
+            load_config(None, [f"federation.server_lr_final={bad}"])
 
 
 def test_client_takes_the_servers_lr_and_rejects_a_bad_one():
