@@ -75,7 +75,7 @@ def test_tls_authenticated_deployment_trains_with_dp_and_secure_aggregation(depl
     rogue = dep.start(dep.node_command("unregistered", data=any_data), "unregistered.log")
     no_ca = dep.start(dep.node_command("no-ca", data=any_data, ca=False), "no-ca.log")
 
-    launched = dep.launch(ROOT, run_config(dep, 2))
+    launched = dep.launch(ROOT, run_config(dep, 1))  # one round: the killed-node test below runs two in this setup
     assert launched.returncode == 0 and "Successfully started run" in launched.stdout, launched.stdout + launched.stderr
 
     # the two refused nodes: Flower logs the reason with its exit code and the process ends with 1
@@ -85,22 +85,22 @@ def test_tls_authenticated_deployment_trains_with_dp_and_secure_aggregation(depl
         text = (dep.root / log).read_text()
         assert "Exit Code: 305" in text and why in text, text[-2000:]
 
-    rows = wait_for_rounds(dep.root / "run" / "metrics.jsonl", 2, [link, *nodes], timeout=600)
+    rows = wait_for_rounds(dep.root / "run" / "metrics.jsonl", 1, [link, *nodes], timeout=600)
     seconds = time.monotonic() - t0
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [1]
     for r in rows:  # only the three admitted nodes took part, all through secure aggregation with DP-SGD
         assert (r["clients_sampled"], r["clients_ok"], r["clients_failed"]) == (3, 3, 0), r
         assert r["secure_aggregation"] and not r["secagg_aborted"] and r["aggregated"]
         assert sorted(r["secagg_in_sum"]) == names
         assert r["dp_clients"] == 3 and r["dp_noise_multiplier_min"] == 1.0
-    assert rows[1]["dp_epsilon_max"] > rows[0]["dp_epsilon_max"] > 0
-    assert 0.0 <= rows[1]["test_ndcg@10"] <= 1.0
+    assert rows[0]["dp_epsilon_max"] > 0
+    assert 0.0 <= rows[0]["test_ndcg@10"] <= 1.0
     model = torch.load(dep.root / "run" / "model.pt", weights_only=False)
-    assert model["round"] == 2 and len(model["items"]["ids"]) == 40
-    for name in names:  # each node's ledger is in its own state folder, one spend per round
+    assert model["round"] == 1 and len(model["items"]["ids"]) == 40
+    for name in names:  # each node's ledger is in its own state folder, its round's spend in it
         entries = [json.loads(line) for line in (dep.root / "nodes" / name / "ledger.jsonl").read_text().splitlines()]
-        assert [(e["kind"], e["round"], e["client"]) for e in entries] == [("spend", 1, name), ("spend", 2, name)]
-    print(f"deployment: 2 rounds in {seconds:.0f} s (start-up included); round seconds "
+        assert [(e["kind"], e["round"], e["client"]) for e in entries] == [("spend", 1, name)]
+    print(f"deployment: 1 round in {seconds:.0f} s (start-up included); round seconds "
           f"{[round(r['seconds'], 1) for r in rows]}")
 
 
@@ -221,6 +221,10 @@ def test_a_node_killed_mid_round_drops_out_and_the_round_completes(deployment):
     assert torch.load(dep.root / "run" / "model.pt", weights_only=False)["round"] == 2
     spent = [json.loads(line)["round"] for line in ledger.read_text().splitlines()]
     assert spent == [1]  # the victim spent in round 1 (before it died) and never again
+    for name in nodes:  # the survivors: one spend per round in their own state folders, epsilon growing
+        entries = [json.loads(line) for line in (dep.root / "nodes" / name / "ledger.jsonl").read_text().splitlines()]
+        assert [(e["kind"], e["round"], e["client"]) for e in entries] == [("spend", 1, name), ("spend", 2, name)]
+    assert second["dp_epsilon_max"] > first["dp_epsilon_max"] > 0
     print(f"round 1 finished {first['seconds']:.0f} s after it began ({time.monotonic() - killed:.0f} s from the "
           f"kill to the end of round 2); dropped at {first['secagg_dropped']}")
 
