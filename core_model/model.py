@@ -90,6 +90,14 @@ class ModelConfig:
         ranking within a genre and period cannot lean on the feature part; ``W_out`` is absent).
     num_item_features
         F, the matrix's column count; set from the catalogue (``ExperimentConfig.model_config``).
+    item_dim
+        r, the width of the item table (0: ``d_model``, one d-dimensional vector per item). With
+        ``0 < r < d_model`` the table is factorised (ALBERT's factorised embedding, Lan et al. 2020):
+        items are r-dimensional, an input item vector is ``W_in e_i`` (d x r) and an item's score is
+        ``(W_out h) . e_i`` (r x d), both tied to the one table. The table holds most of the weights
+        (3,417 items x 48 against ~31k for the two blocks at d 48), so under DP-SGD, where every
+        weight gets its own noise, a narrower table lowers the noise in each step while the encoder
+        keeps its width.
     """
 
     num_items: int
@@ -110,6 +118,7 @@ class ModelConfig:
     item_features: str = ""
     item_features_side: str = "both"
     num_item_features: int = 0
+    item_dim: int = 0
 
     @property
     def item_feature_names(self) -> tuple[str, ...]:
@@ -137,8 +146,21 @@ class ModelConfig:
              "comma-separated catalogue feature names such as 'genres,year' (or '' for none)"),
             ("item_features_side", self.item_features_side in ("both", "input"), "'both' or 'input'"),
             ("num_item_features", isinstance(self.num_item_features, int) and self.num_item_features >= 0, ">= 0"),
+            ("item_dim", isinstance(self.item_dim, int) and not isinstance(self.item_dim, bool)
+             and 0 <= self.item_dim <= self.d_model,
+             f"an integer in [0, d_model={self.d_model}] (0: the item table is d_model wide)"),
         ]
         check_fields(self, checks)
+
+    @property
+    def item_width(self) -> int:
+        """The item table's width: ``item_dim``, or ``d_model`` when it is 0."""
+        return self.item_dim or self.d_model
+
+    @property
+    def factorised_items(self) -> bool:
+        """Whether item vectors are narrower than the encoder (``0 < item_dim < d_model``)."""
+        return self.item_width < self.d_model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,8 +260,11 @@ class SASRec(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        d = config.d_model
-        self.item_emb = nn.Embedding(config.num_items + 1, d, padding_idx=0)
+        d, r = config.d_model, config.item_width
+        self.item_emb = nn.Embedding(config.num_items + 1, r, padding_idx=0)
+        # a factorised table (item_dim < d_model): r-wide items, projected in and out of the encoder
+        self.item_in = nn.Linear(r, d, bias=False) if config.factorised_items else None
+        self.item_out = nn.Linear(d, r, bias=False) if config.factorised_items else None
         self.pos_emb = nn.Embedding(config.max_len, d)
         self.emb_drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_blocks)])
@@ -248,8 +273,8 @@ class SASRec(nn.Module):
         # scoring Linear shares its Parameter with an Embedding at module level, so full scoring
         # (``output(h)``) and sampled scoring (``target_emb(ids)``) read the same vectors and
         # Opacus sees every use through a module call.
-        self.target_emb = None if config.tie_weights else nn.Embedding(config.num_items + 1, d, padding_idx=0)
-        self.output = nn.Linear(d, config.num_items + 1, bias=False)
+        self.target_emb = None if config.tie_weights else nn.Embedding(config.num_items + 1, r, padding_idx=0)
+        self.output = nn.Linear(r, config.num_items + 1, bias=False)
         self.output.weight = self._targets().weight
         if config.item_feature_names:
             if config.num_item_features < 1:
@@ -270,6 +295,11 @@ class SASRec(nn.Module):
             for block in self.blocks:
                 for layer in (block.attn.q, block.attn.kv):
                     nn.init.uniform_(layer.weight, -bound, bound)
+        if self.item_in is not None:
+            # scale-preserving projections, so that a projected item vector starts at the scale of an
+            # unfactorised one (std init_std) and W_out h at that of the layer-normed h
+            nn.init.normal_(self.item_in.weight, std=1.0 / math.sqrt(r))
+            nn.init.normal_(self.item_out.weight, std=1.0 / math.sqrt(d))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -342,7 +372,9 @@ class SASRec(nn.Module):
             pos = torch.arange(T - 1, -1, -1, device=inputs.device).expand(B, T).contiguous()  # (B, T)
         else:
             pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) k-th real item -> k
-        x = self.item_emb(inputs)  # (B, T, d)
+        x = self.item_emb(inputs)  # (B, T, r)
+        if self.item_in is not None:
+            x = self.item_in(x)  # (B, T, d)
         if self.feat_in is not None:
             x = x + self.feat_in(self.item_feature_matrix[inputs])  # (B, T, d)
         x = x * math.sqrt(self.config.d_model) + self.pos_emb(pos)  # (B, T, d)
@@ -377,16 +409,20 @@ class SASRec(nn.Module):
             loss = self._bce_loss(h, targets, valid, negatives)
         return None, loss
 
+    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d) from :meth:`encode` -> every item's score (..., V + 1), column 0 the padding item."""
+        return self._full_scores(h)
+
     def _full_scores(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., V + 1): every item's score, the catalogue-feature part included."""
-        logits = self.output(h)
+        logits = self.output(h if self.item_out is None else self.item_out(h))
         if self.feat_out is not None:
             logits = logits + self.feat_out(h).to(logits.dtype) @ self.item_feature_matrix.T.to(logits.dtype)
         return logits
 
     def _item_vectors_scores(self, h: torch.Tensor, ids: torch.Tensor, einsum: str) -> torch.Tensor:
         """Scores of ``ids`` against ``h`` with ``einsum`` ("btd,btd->bt" or "btd,bkd->btk")."""
-        scores = torch.einsum(einsum, h, self._targets()(ids))
+        scores = torch.einsum(einsum, h if self.item_out is None else self.item_out(h), self._targets()(ids))
         if self.feat_out is not None:
             scores = scores + torch.einsum(einsum.replace("d", "f"), self.feat_out(h), self.item_feature_matrix[ids])
         return scores

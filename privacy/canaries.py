@@ -149,7 +149,7 @@ def canary_scores(model: Any, histories: np.ndarray, *, max_len: int, batch_size
             for start in range(0, len(train), batch_size):
                 chunk = torch.as_tensor(train[start:start + batch_size], device=device)  # (B, T + 1)
                 inputs, targets = chunk[:, :-1], chunk[:, 1:]  # (B, T)
-                logits = model.output(model.encode(inputs)).float()  # (B, T, V + 1)
+                logits = model.item_logits(model.encode(inputs)).float()  # (B, T, V + 1)
                 ll = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T)
                 out.append(ll.mean(dim=1).cpu().numpy())
     finally:

@@ -156,7 +156,36 @@ def test_histories_longer_than_max_len_use_the_last_items():
     assert torch.allclose(logits_long, logits_cut)
 
 
+def test_a_factorised_item_table_is_narrow_tied_and_scores_through_the_projections():
+    model = make(item_dim=3)
+    assert model.item_emb.weight.shape == (12, 3) and model.output.weight is model.item_emb.weight
+    assert model.item_in.weight.shape == (8, 3) and model.item_out.weight.shape == (3, 8)
+    full = make()
+    assert model.num_parameters() < full.num_parameters()
+    h = model.encode(INPUTS)  # (2, 5, 8)
+    by_hand = model.item_out(h) @ model.item_emb.weight.T  # (2, 5, 12)
+    assert torch.allclose(model.item_logits(h), by_hand, atol=1e-6)
+    logits, _ = model(INPUTS)
+    assert torch.allclose(logits, by_hand[:, -1, 1:], atol=1e-6)
+    # the input side reads W_in e_i: changing the projection changes the encoding
+    with torch.no_grad():
+        x0 = model.item_in(model.item_emb(INPUTS))
+        assert torch.allclose(x0, model.item_emb.weight[INPUTS] @ model.item_in.weight.T, atol=1e-7)
+        model.item_in.weight.mul_(2)
+    assert not torch.allclose(model.encode(INPUTS), h)
+    # a projected item vector starts at the scale of an unfactorised one (std init_std = 0.02)
+    wide = SASRec(ModelConfig(num_items=2000, d_model=48, item_dim=24))
+    vectors = wide.item_in(wide.item_emb.weight[1:]).detach()
+    assert 0.015 < vectors.std().item() < 0.025
+    # item_dim == d_model is the plain table
+    assert make(item_dim=8).item_in is None and make(item_dim=8).num_parameters() == full.num_parameters()
+    state = model.shareable_state()
+    assert {"item_in.weight", "item_out.weight"} <= set(state) and "output.weight" not in state
+
+
 @pytest.mark.parametrize("field,value,needle", [
+    ("item_dim", 9, "item_dim must be an integer in [0, d_model=8] (0: the item table is d_model wide), got 9"),
+    ("item_dim", -1, "item_dim must be an integer in [0, d_model=8]"),
     ("num_items", 0, "num_items must be >= 1, got 0"),
     ("num_heads", 3, "num_heads must be a divisor of d_model=8, got 3"),
     ("dropout", 1.0, "dropout must be in [0, 1), got 1.0"),

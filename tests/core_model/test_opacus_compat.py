@@ -32,9 +32,9 @@ def batch(loss: str):
     return inputs, targets, neg
 
 
-def build(loss: str, tie: bool, attn_init: str = "normal", features: str = "") -> SASRec:
+def build(loss: str, tie: bool, attn_init: str = "normal", features: str = "", item_dim: int = 0) -> SASRec:
     torch.manual_seed(0)
-    model = SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=2, num_heads=2,
+    model = SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=2, num_heads=2, item_dim=item_dim,
                                dropout=0.0, loss=loss, num_negatives=5, tie_weights=tie,
                                attn_init=attn_init, attn_output_dropout=attn_init == "normal",
                                item_features="genres" if features else "", item_features_side=features or "both",
@@ -57,13 +57,15 @@ def brute_force(model: SASRec, inputs, targets, neg) -> list[dict[str, torch.Ten
     return grads
 
 
-@pytest.mark.parametrize("loss,tie,attn_init,features", [
-    (loss, tie, "normal", "") for loss in ("ce", "sampled", "bce") for tie in (True, False)
-] + [("ce", True, "xavier", "")]  # the reference code's attention: xavier in-projection, no output dropout
-  + [(loss, True, "normal", "both") for loss in ("ce", "sampled", "bce")]  # model.item_features
-  + [("ce", True, "normal", "input")])  # model.item_features_side="input"
-def test_per_user_gradients_match_brute_force(loss, tie, attn_init, features):
-    model = build(loss, tie, attn_init, features)
+@pytest.mark.parametrize("loss,tie,attn_init,features,item_dim", [
+    (loss, tie, "normal", "", 0) for loss in ("ce", "sampled", "bce") for tie in (True, False)
+] + [("ce", True, "xavier", "", 0)]  # the reference code's attention: xavier in-projection, no output dropout
+  + [(loss, True, "normal", "both", 0) for loss in ("ce", "sampled", "bce")]  # model.item_features
+  + [("ce", True, "normal", "input", 0)]  # model.item_features_side="input"
+  + [(loss, tie, "normal", "", 3) for loss, tie in (("ce", True), ("sampled", True), ("bce", False))]  # model.item_dim
+  + [("ce", True, "normal", "both", 3)])
+def test_per_user_gradients_match_brute_force(loss, tie, attn_init, features, item_dim):
+    model = build(loss, tie, attn_init, features, item_dim)
     inputs, targets, neg = batch(loss)
     expected = brute_force(model, inputs, targets, neg)
     gsm = opacus.GradSampleModule(model, loss_reduction="mean")
@@ -82,10 +84,10 @@ def test_per_user_gradients_match_brute_force(loss, tie, attn_init, features):
     gsm._close()
 
 
-@pytest.mark.parametrize("loss,features", [("ce", ""), ("sampled", ""), ("ce", "both")])
-def test_clipped_noise_free_dp_gradient_matches_brute_force(loss, features):
+@pytest.mark.parametrize("loss,features,item_dim", [("ce", "", 0), ("sampled", "", 0), ("ce", "both", 0), ("ce", "", 3)])
+def test_clipped_noise_free_dp_gradient_matches_brute_force(loss, features, item_dim):
     clip = 0.05  # small enough that every user is clipped
-    model = build(loss, tie=True, features=features)
+    model = build(loss, tie=True, features=features, item_dim=item_dim)
     inputs, targets, neg = batch(loss)
     per_user = brute_force(model, inputs, targets, neg)
     norms = torch.stack([torch.sqrt(sum((g ** 2).sum() for g in u.values())) for u in per_user])

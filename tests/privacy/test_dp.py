@@ -197,6 +197,25 @@ def test_pieces_of_a_poisson_batch_give_the_same_step_as_one_piece():
         PrivacyConfig(physical_batch_size=0)
 
 
+@pytest.mark.parametrize("item_dim", [0, 3])  # the d-wide item table and a factorised one (model.item_dim)
+def test_opacus_ew_and_hooks_modes_take_the_same_clipped_step(item_dim):
+    # q = 1, no noise, a clip that binds: the two ways Opacus computes per-user gradients must agree
+    data = users(10)
+    plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, max_grad_norm=0.05), num_users=10,
+                   batch_size=10, planned_epochs=2)
+    plan = replace(plan, noise_multiplier=0.0)
+    hooks, ew = model(item_dim=item_dim), model(item_dim=item_dim)
+    start = hooks.shareable_state()
+    assert ("item_in.weight" in start) == (item_dim > 0) and start["item_emb.weight"].shape == (13, item_dim or 8)
+    dp_local_train(hooks, data, TRAIN, plan, epochs=2, grad_sample_mode="hooks")
+    dp_local_train(ew, data, TRAIN, plan, epochs=2, grad_sample_mode="ew")
+    a, b = hooks.shareable_state(), ew.shareable_state()
+    assert set(a) == set(b) == set(start)
+    assert min((a[k] - start[k]).abs().max().item() for k in a if k != "pos_emb.weight") > 1e-4  # all trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+
+
 @pytest.mark.parametrize("share", [0.8, 0.5])  # at 0.5 both groups have the same bound and stay two groups
 def test_group_clipping_clips_the_embedding_table_and_the_rest_separately(share):
     # q = 1 (every user in the one step), no noise, plain SGD: the update must be

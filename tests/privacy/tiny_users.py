@@ -15,6 +15,6 @@ def users(n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(1, V + 1, int(rng.integers(3, T + 2))) for _ in range(n)]
 
 
-def model() -> SASRec:
+def model(**overrides) -> SASRec:
     torch.manual_seed(0)
-    return SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=1, dropout=0.0))
+    return SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=1, dropout=0.0, **overrides))
