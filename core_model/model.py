@@ -98,6 +98,9 @@ class ModelConfig:
         (3,417 items x 48 against ~31k for the two blocks at d 48), so under DP-SGD, where every
         weight gets its own noise, a narrower table lowers the noise in each step while the encoder
         keeps its width.
+    item_bias
+        Add a learned bias per item to its score (``loss="ce"`` only): a popularity term of
+        num_items weights that every user's gradient trains, next to the item vectors.
     """
 
     num_items: int
@@ -119,6 +122,7 @@ class ModelConfig:
     item_features_side: str = "both"
     num_item_features: int = 0
     item_dim: int = 0
+    item_bias: bool = False
 
     @property
     def item_feature_names(self) -> tuple[str, ...]:
@@ -149,6 +153,8 @@ class ModelConfig:
             ("item_dim", isinstance(self.item_dim, int) and not isinstance(self.item_dim, bool)
              and 0 <= self.item_dim <= self.d_model,
              f"an integer in [0, d_model={self.d_model}] (0: the item table is d_model wide)"),
+            ("item_bias", isinstance(self.item_bias, bool) and (not self.item_bias or self.loss == "ce"),
+             f"false unless loss='ce' (got loss={self.loss!r}): the bias is part of the full-catalogue scores"),
         ]
         check_fields(self, checks)
 
@@ -274,7 +280,7 @@ class SASRec(nn.Module):
         # (``output(h)``) and sampled scoring (``target_emb(ids)``) read the same vectors and
         # Opacus sees every use through a module call.
         self.target_emb = None if config.tie_weights else nn.Embedding(config.num_items + 1, r, padding_idx=0)
-        self.output = nn.Linear(r, config.num_items + 1, bias=False)
+        self.output = nn.Linear(r, config.num_items + 1, bias=config.item_bias)
         self.output.weight = self._targets().weight
         if config.item_feature_names:
             if config.num_item_features < 1:

@@ -183,9 +183,27 @@ def test_a_factorised_item_table_is_narrow_tied_and_scores_through_the_projectio
     assert {"item_in.weight", "item_out.weight"} <= set(state) and "output.weight" not in state
 
 
+def test_item_bias_adds_one_trained_term_per_item_to_the_scores():
+    model = make(item_bias=True)
+    assert model.output.bias.shape == (12,) and torch.equal(model.output.bias, torch.zeros(12))
+    h = model.encode(INPUTS)
+    with torch.no_grad():
+        model.output.bias.copy_(torch.arange(12.0))
+    by_hand = h @ model.item_emb.weight.T + torch.arange(12.0)
+    assert torch.allclose(model.item_logits(h), by_hand, atol=1e-5)
+    assert torch.allclose(model(INPUTS)[0], by_hand[:, -1, 1:], atol=1e-5)
+    assert "output.bias" in model.shareable_state()
+    _, loss = model(INPUTS, TARGETS)
+    loss.backward()
+    assert model.output.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="item_bias must be false unless loss='ce' \\(got loss='sampled'\\)"):
+        make("sampled", item_bias=True)
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("item_dim", 9, "item_dim must be an integer in [0, d_model=8] (0: the item table is d_model wide), got 9"),
     ("item_dim", -1, "item_dim must be an integer in [0, d_model=8]"),
+    ("item_bias", 1, "item_bias must be false unless loss='ce'"),
     ("num_items", 0, "num_items must be >= 1, got 0"),
     ("num_heads", 3, "num_heads must be a divisor of d_model=8, got 3"),
     ("dropout", 1.0, "dropout must be in [0, 1), got 1.0"),

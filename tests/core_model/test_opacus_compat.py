@@ -32,9 +32,11 @@ def batch(loss: str):
     return inputs, targets, neg
 
 
-def build(loss: str, tie: bool, attn_init: str = "normal", features: str = "", item_dim: int = 0) -> SASRec:
+def build(loss: str, tie: bool, attn_init: str = "normal", features: str = "", item_dim: int = 0,
+          item_bias: bool = False) -> SASRec:
     torch.manual_seed(0)
     model = SASRec(ModelConfig(num_items=V, max_len=T, d_model=8, num_blocks=2, num_heads=2, item_dim=item_dim,
+                               item_bias=item_bias,
                                dropout=0.0, loss=loss, num_negatives=5, tie_weights=tie,
                                attn_init=attn_init, attn_output_dropout=attn_init == "normal",
                                item_features="genres" if features else "", item_features_side=features or "both",
@@ -57,15 +59,19 @@ def brute_force(model: SASRec, inputs, targets, neg) -> list[dict[str, torch.Ten
     return grads
 
 
-@pytest.mark.parametrize("loss,tie,attn_init,features,item_dim", [
-    (loss, tie, "normal", "", 0) for loss in ("ce", "sampled", "bce") for tie in (True, False)
-] + [("ce", True, "xavier", "", 0)]  # the reference code's attention: xavier in-projection, no output dropout
-  + [(loss, True, "normal", "both", 0) for loss in ("ce", "sampled", "bce")]  # model.item_features
-  + [("ce", True, "normal", "input", 0)]  # model.item_features_side="input"
-  + [(loss, tie, "normal", "", 3) for loss, tie in (("ce", True), ("sampled", True), ("bce", False))]  # model.item_dim
-  + [("ce", True, "normal", "both", 3)])
-def test_per_user_gradients_match_brute_force(loss, tie, attn_init, features, item_dim):
-    model = build(loss, tie, attn_init, features, item_dim)
+@pytest.mark.parametrize("loss,tie,attn_init,features,item_dim,item_bias", [
+    (loss, tie, "normal", "", 0, False) for loss in ("ce", "sampled", "bce") for tie in (True, False)
+] + [("ce", True, "xavier", "", 0, False)]  # the reference code's attention: xavier in-projection, no output dropout
+  + [(loss, True, "normal", "both", 0, False) for loss in ("ce", "sampled", "bce")]  # model.item_features
+  + [("ce", True, "normal", "input", 0, False)]  # model.item_features_side="input"
+  + [(loss, tie, "normal", "", 3, False) for loss, tie in (("ce", True), ("sampled", True), ("bce", False))]  # item_dim
+  + [("ce", True, "normal", "both", 3, False)]
+  + [("ce", tie, "normal", "", dim, True) for tie, dim in ((True, 0), (False, 0), (True, 3))])  # model.item_bias
+def test_per_user_gradients_match_brute_force(loss, tie, attn_init, features, item_dim, item_bias):
+    model = build(loss, tie, attn_init, features, item_dim, item_bias)
+    if item_bias:  # a bias away from zero, so that its gradient path is exercised
+        with torch.no_grad():
+            model.output.bias.uniform_(-1, 1)
     inputs, targets, neg = batch(loss)
     expected = brute_force(model, inputs, targets, neg)
     gsm = opacus.GradSampleModule(model, loss_reduction="mean")

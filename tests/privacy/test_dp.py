@@ -197,16 +197,17 @@ def test_pieces_of_a_poisson_batch_give_the_same_step_as_one_piece():
         PrivacyConfig(physical_batch_size=0)
 
 
-@pytest.mark.parametrize("item_dim", [0, 3])  # the d-wide item table and a factorised one (model.item_dim)
-def test_opacus_ew_and_hooks_modes_take_the_same_clipped_step(item_dim):
+@pytest.mark.parametrize("item_dim,item_bias", [(0, False), (3, False), (0, True)])  # model.item_dim, .item_bias
+def test_opacus_ew_and_hooks_modes_take_the_same_clipped_step(item_dim, item_bias):
     # q = 1, no noise, a clip that binds: the two ways Opacus computes per-user gradients must agree
     data = users(10)
     plan = plan_dp(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, max_grad_norm=0.05), num_users=10,
                    batch_size=10, planned_epochs=2)
     plan = replace(plan, noise_multiplier=0.0)
-    hooks, ew = model(item_dim=item_dim), model(item_dim=item_dim)
+    hooks, ew = model(item_dim=item_dim, item_bias=item_bias), model(item_dim=item_dim, item_bias=item_bias)
     start = hooks.shareable_state()
     assert ("item_in.weight" in start) == (item_dim > 0) and start["item_emb.weight"].shape == (13, item_dim or 8)
+    assert ("output.bias" in start) == item_bias
     dp_local_train(hooks, data, TRAIN, plan, epochs=2, grad_sample_mode="hooks")
     dp_local_train(ew, data, TRAIN, plan, epochs=2, grad_sample_mode="ew")
     a, b = hooks.shareable_state(), ew.shareable_state()
