@@ -97,7 +97,8 @@ class ModelConfig:
         ``(W_out h) . e_i`` (r x d), both tied to the one table. The table holds most of the weights
         (3,417 items x 48 against ~31k for the two blocks at d 48), so under DP-SGD, where every
         weight gets its own noise, a narrower table lowers the noise in each step while the encoder
-        keeps its width.
+        keeps its width. Measured on ML-1M's regions at epsilon 8 (r 32, d 48: benchmarks/RESULTS.md)
+        it learned far more slowly than the full table; off by default.
     item_bias
         Add a learned bias per item to its score (``loss="ce"`` only): a popularity term of
         num_items weights that every user's gradient trains, next to the item vectors.
@@ -402,7 +403,7 @@ class SASRec(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h = self.encode(inputs)  # (B, T, d)
         if targets is None:
-            logits = self._full_scores(h[:, -1, :])[:, 1:]  # (B, V)
+            logits = self.item_logits(h[:, -1, :])[:, 1:]  # (B, V)
             return logits, None
         if targets.shape != h.shape[:2]:
             targets = targets[:, -h.shape[1]:]
@@ -416,19 +417,20 @@ class SASRec(nn.Module):
         return None, loss
 
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., d) from :meth:`encode` -> every item's score (..., V + 1), column 0 the padding item."""
-        return self._full_scores(h)
-
-    def _full_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., d) -> (..., V + 1): every item's score, the catalogue-feature part included."""
-        logits = self.output(h if self.item_out is None else self.item_out(h))
+        """Hidden states (..., d) from :meth:`encode` -> every item's score (..., V + 1), column 0 the
+        padding item; the catalogue-feature part included."""
+        logits = self.output(self._to_item_space(h))
         if self.feat_out is not None:
             logits = logits + self.feat_out(h).to(logits.dtype) @ self.item_feature_matrix.T.to(logits.dtype)
         return logits
 
+    def _to_item_space(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., r): ``W_out h`` for a factorised item table, ``h`` itself otherwise."""
+        return h if self.item_out is None else self.item_out(h)
+
     def _item_vectors_scores(self, h: torch.Tensor, ids: torch.Tensor, einsum: str) -> torch.Tensor:
         """Scores of ``ids`` against ``h`` with ``einsum`` ("btd,btd->bt" or "btd,bkd->btk")."""
-        scores = torch.einsum(einsum, h if self.item_out is None else self.item_out(h), self._targets()(ids))
+        scores = torch.einsum(einsum, self._to_item_space(h), self._targets()(ids))
         if self.feat_out is not None:
             scores = scores + torch.einsum(einsum.replace("d", "f"), self.feat_out(h), self.item_feature_matrix[ids])
         return scores
@@ -448,11 +450,11 @@ class SASRec(nn.Module):
         # third of the step on CPU.
         if self.packed:
             rows = valid.nonzero(as_tuple=True)
-            logits = self._full_scores(h[rows]).float()  # (N, V + 1)
+            logits = self.item_logits(h[rows]).float()  # (N, V + 1)
             ce = F.cross_entropy(logits, targets[rows], reduction="none")  # (N,)
             weight = 1.0 / valid.sum(dim=1).clamp(min=1).to(ce.dtype)  # (B,)
             return (ce * weight[rows[0]]).sum() / B
-        logits = self._full_scores(h).float()  # (B, T, V + 1)
+        logits = self.item_logits(h).float()  # (B, T, V + 1)
         ce = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
         return self._per_user_mean(ce, valid)
 
