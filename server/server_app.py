@@ -14,9 +14,10 @@ resume); each round uses the strategy's own ``configure_train`` / ``aggregate_tr
 3. with ``federation.server_ema``, fold the new weights into the server's moving average of the
    rounds' models; every ``federation.evaluate_every`` rounds, federated evaluation on the clients'
    test targets (weighted by users) of the served model (the average when there is one);
-4. write ``checkpoint.pt`` (weights, moving average, round, strategy state, sampling RNG)
-   atomically, then the round's line in ``metrics.jsonl`` and the ``model.pt`` artifact (the
-   served model, for ``fedrec recommend``; with an average the last iterate is ``model-last.pt``).
+4. write the ``model.pt`` artifact (the served model, for ``fedrec recommend``; with an average
+   the last iterate is ``model-last.pt``), then ``checkpoint.pt`` (weights, moving average, round,
+   strategy state, sampling RNG) atomically, then the round's line in ``metrics.jsonl``: a reader
+   that sees the line finds every file of that round.
 
 Under DP-SGD the clients' replies carry the receipts of their ledger entries; they go to
 ``receipts.jsonl`` as the replies arrive (``server/receipts.py``).
@@ -394,6 +395,17 @@ class RoundLoop:
     def _checkpoint(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, model: SASRec,
                     record: dict[str, Any], *, served: ArrayRecord) -> None:
         state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        extra = {"items": self.items.to_dict(), "item_titles": self.item_titles, "round": rnd,
+                 "data_config": self.config.to_dict()["data"], "eval_config": self.config.to_dict()["eval"],
+                 "federation": self.config.to_dict()["federation"]}
+        # the served artifacts first: whoever sees the round's line in metrics.jsonl finds them at
+        # that round (a crash before the checkpoint only means the round is run again on resume)
+        if served is not arrays:  # the average is served; the last iterate is kept beside it
+            model.load_shareable_state(state)
+            save_checkpoint(self.run_dir / LAST_ITERATE, model, extra={**extra, "weights": "last iterate"})
+        model.load_shareable_state(served.to_torch_state_dict())
+        save_checkpoint(self.run_dir / "model.pt", model, extra={
+            **extra, "weights": "moving average" if served is not arrays else "last iterate"})
         tmp = self.run_dir / (CHECKPOINT + ".tmp")
         torch.save({"round": rnd, "model": state, "strategy": _strategy_state(strategy),
                     "average": None if self.average is None else self.average.state(),
@@ -401,15 +413,6 @@ class RoundLoop:
         tmp.replace(self.run_dir / CHECKPOINT)  # atomic: the round is done once this file says so
         with (self.run_dir / METRICS).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        extra = {"items": self.items.to_dict(), "item_titles": self.item_titles, "round": rnd,
-                 "data_config": self.config.to_dict()["data"], "eval_config": self.config.to_dict()["eval"],
-                 "federation": self.config.to_dict()["federation"]}
-        if served is not arrays:  # the average is served; the last iterate is kept beside it
-            model.load_shareable_state(state)
-            save_checkpoint(self.run_dir / LAST_ITERATE, model, extra={**extra, "weights": "last iterate"})
-        model.load_shareable_state(served.to_torch_state_dict())
-        save_checkpoint(self.run_dir / "model.pt", model, extra={
-            **extra, "weights": "moving average" if served is not arrays else "last iterate"})
 
 
 def make_server_app(config: ExperimentConfig | None = None, *, run_dir: Path | None = None,
