@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure_aggregation as secure
@@ -38,6 +40,7 @@ from core_model.features import FEATURES_RECORD, build_model
 from core_model.model import SASRec
 from core_model.train import evaluate_model, local_train, select_device
 from privacy import PRIVACY_DECLINED, RECEIPT_RECORD
+from privacy.transitions import RELEASE_FLAG, TRANSITIONS_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +168,78 @@ def private_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *, run: s
     return model, metrics, ConfigRecord(ledger.receipt(record).to_dict())
 
 
+def release_transitions(cfg: ExperimentConfig, data: ClientData, msg: Message, *,
+                        run: str) -> tuple[np.ndarray, MetricRecord, ConfigRecord | None] | Message:
+    """The client's part of the transition table's release (``privacy/transitions.py``).
+
+    Sums its users' clipped transition matrices; under DP-SGD checks its policy, adds its share of
+    the noise and appends the spend (round 0: one step at sample rate 1, noise multiplier
+    ``privacy.transitions_noise_multiplier``) to its ledger before returning. Returns (the noisy
+    sum, metrics, the entry's receipt or None), or the refusal reply.
+    """
+    from privacy.dp import noise_share
+    from privacy.transitions import (RELEASE_ROUND, add_noise, client_transitions, release_history,
+                                     release_mechanism)
+
+    model_cfg = cfg.model_config(data.num_items)
+    if not model_cfg.transitions:
+        reason = (f"client {data.name}: the server asked for the transition table's release, and this client's "
+                  "model.transitions is false")
+        logger.warning("%s", reason)
+        return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
+    t0 = time.perf_counter()
+    total = client_transitions(data.split.train, data.num_items, window=model_cfg.transitions_window,
+                               decay=model_cfg.transitions_decay)  # (V + 1, V + 1)
+    metrics = {"num-examples": int(len(data.split)), "train-loss": 0.0}
+    priv = cfg.privacy
+    if priv.mode != "dp-sgd":  # no DP: the exact counts
+        metrics["train-seconds"] = time.perf_counter() - t0
+        return total, MetricRecord(metrics), None
+
+    from privacy.accounting import default_delta
+    from privacy.ledger import LedgerEntry, PrivacyLedger
+    from privacy.policy import load_policy
+
+    if not priv.state_dir:
+        raise ValueError("privacy.state_dir is empty: a client needs a state directory for its privacy ledger")
+    ledger = PrivacyLedger(Path(priv.state_dir) / data.name / "ledger.jsonl")
+    [(sigma, rate, steps)] = release_history(priv)
+    distributed = priv.noise_placement == "distributed"
+    if distributed and priv.distributed_min_clients < 1:
+        raise ValueError("privacy.distributed_min_clients must be >= 1 at a client with privacy.noise_placement="
+                         "'distributed' (a simulation fills it in; a deployed client must set it)")
+    delta = priv.delta or default_delta(len(data.split))
+    mechanism = release_mechanism(sigma, min_clients=priv.distributed_min_clients if distributed else None,
+                                  window=model_cfg.transitions_window, decay=model_cfg.transitions_decay)
+    accountant = ledger.accountant()
+    accountant.add(noise_multiplier=sigma, sample_rate=rate, steps=steps)
+    eps_after = accountant.epsilon(delta, accountant=priv.accountant)
+
+    def entry(kind: str, epsilon: float, reason: str = "") -> LedgerEntry:
+        return LedgerEntry(run=run, round=RELEASE_ROUND, client=data.name, kind=kind, mechanism=mechanism,
+                           noise_multiplier=sigma, sample_rate=rate, steps=steps if kind == "spend" else 0,
+                           max_grad_norm=1.0, delta=delta, epsilon=epsilon, accountant=priv.accountant,
+                           reason=reason)
+
+    if priv.policy:
+        policy = load_policy(priv.policy)
+        at_policy_delta = accountant.epsilon(policy.delta if policy.delta is not None else delta,
+                                             accountant=policy.accountant)
+        decision = policy.check(noise_multiplier=sigma, epsilon_after=at_policy_delta, rounds_done=0)
+        if not decision.allowed:
+            spent = ledger.accountant().epsilon(delta, accountant=priv.accountant)
+            receipt = ledger.receipt(ledger.append(entry("refusal", spent, decision.reason)))
+            logger.warning("client %s: transition table release declined: %s", data.name, decision.reason)
+            reason = receipt.attach_to(f"client {data.name}: {decision.reason}")
+            return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
+    std = noise_share(sigma, priv.distributed_min_clients) if distributed else sigma
+    noisy = add_noise(total, std)  # the clipping bound is 1: std is the multiplier itself
+    record = ledger.append(entry("spend", eps_after))  # durable before the sum leaves this client
+    metrics.update({"train-seconds": time.perf_counter() - t0, "dp-noise-multiplier": sigma, "dp-sample-rate": rate,
+                    "dp-steps": steps, "dp-max-grad-norm": 1.0, "dp-delta": delta, "dp-epsilon": float(eps_after)})
+    return noisy, MetricRecord(metrics), ConfigRecord(ledger.receipt(record).to_dict())
+
+
 def plain_fit(cfg: ExperimentConfig, data: ClientData, msg: Message, *,
               server_round: int) -> tuple[SASRec, MetricRecord]:
     """One round of non-private local training (FedProx's proximal term when the server sent one)."""
@@ -191,6 +266,8 @@ def _model(config: ExperimentConfig, data: ClientData, content: RecordDict) -> S
         features = content[FEATURES_RECORD]["matrix"].numpy()
     model = build_model(config, data.num_items, features)
     model.load_shareable_state(content["arrays"].to_torch_state_dict())
+    if TRANSITIONS_RECORD in content.array_records and model.transition_table is not None:
+        model.set_transition_table(content[TRANSITIONS_RECORD]["table"].numpy())  # evaluation: the released table
     return model
 
 
@@ -218,6 +295,20 @@ def make_client_app(config: ExperimentConfig | None = None, data: DataSource | N
             logger.warning("%s", reason)
             return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
         receipt: ConfigRecord | None = None  # the ledger entry's receipt (DP-SGD only)
+        if msg.content["config"].get(RELEASE_FLAG, False):  # before round 1: the transition table
+            released = release_transitions(cfg, data, msg, run=str(context.run_id))
+            if isinstance(released, Message):
+                return released
+            table, metrics, receipt = released
+            n = int(metrics["num-examples"])
+            if secure.RECORD in msg.content:  # the sum of the clients' tables, as an "update" from zeros
+                return secure.advertise_keys(msg, context, name=data.name, trained={"table": table / max(n, 1)},
+                                             metrics=metrics, weight=n, receipt=receipt,
+                                             global_={"table": np.zeros_like(table)})
+            content = {"arrays": ArrayRecord({"table": Array(table)}), "metrics": metrics}
+            if receipt is not None:
+                content[RECEIPT_RECORD] = receipt
+            return Message(RecordDict(content), reply_to=msg)
         if cfg.privacy.mode == "dp-sgd":
             fitted = private_fit(cfg, data, msg, run=str(context.run_id), server_round=server_round)
             if isinstance(fitted, Message):  # declined by the client's privacy policy

@@ -67,13 +67,17 @@ def _failed(msg: Message, context: Context, name: str, stage: str, err: Exceptio
 
 
 def advertise_keys(msg: Message, context: Context, *, name: str, trained: Mapping[str, np.ndarray],
-                   metrics: MetricRecord, weight: int, receipt: ConfigRecord | None = None) -> Message:
+                   metrics: MetricRecord, weight: int, receipt: ConfigRecord | None = None,
+                   global_: Mapping[str, np.ndarray] | None = None) -> Message:
     """Stage 0, after local training: keep the encoded update and fresh keys; reply keys + metrics
-    (and ``receipt``, the ledger entry's receipt under DP-SGD; on failure at the end of the reason)."""
+    (and ``receipt``, the ledger entry's receipt under DP-SGD; on failure at the end of the reason).
+    ``global_``: the reference the update is taken from, when the message carries none (the
+    transition table's release: zeros, so that the sum is the clients' contributions)."""
     request = dict(msg.content[RECORD])
     _clear(context)
     try:
-        global_ = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        if global_ is None:
+            global_ = {k: a.numpy() for k, a in msg.content["arrays"].items()}
         quantizer = Quantizer(float(request["bound"]), max_clients=int(request["num-clients"]),
                               scale_bits=int(request["scale-bits"]))
         vector = encode_update(UpdateLayout.of(global_), local=trained, global_=global_, weight=weight,

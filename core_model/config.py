@@ -239,6 +239,14 @@ class PrivacyConfig:
     client (not ``target_epsilon``: per-client calibrations would differ); each client's epsilon
     then follows from its own sample rate over one step per round.
 
+    Transition table (``model.transitions``, ``privacy/transitions.py``): before round 1 every client
+    releases its users' clipped item-transition counts once, with Gaussian noise of multiplier
+    ``transitions_noise_multiplier`` (the sum's; each client adds its share under distributed
+    noise, all of it under local noise), accounted in its ledger as round 0 (one step at sample rate
+    1) and composed with the DP-SGD steps; with ``target_epsilon`` (local noise) the DP-SGD noise is
+    calibrated for what the release leaves of the budget. Needs ``> 0`` under ``mode="dp-sgd"``; 0
+    with ``mode="none"`` (the exact counts are released).
+
     Empirical audit (``privacy/canaries.py``; ``fedrec audit RUN --empirical``): ``audit_canaries``
     > 0 draws that many canary users (``audit_canary_length`` distinct random items each), spreads
     them over the clients and includes each in its client's training data with probability 1/2
@@ -268,6 +276,7 @@ class PrivacyConfig:
     sample_rate: float = 0.0
     sample_rate_for_epsilon: float = 0.0
     embedding_clip_share: float = 0.0
+    transitions_noise_multiplier: float = 0.0
 
     @property
     def secure_aggregation_enabled(self) -> bool:
@@ -309,6 +318,8 @@ class PrivacyConfig:
                                        "a client may contribute)"),
             ("secagg_scale_bits", bits_ok, "an int in [0, 62] (fixed-point bits)"),
             ("audit_canaries", self.audit_canaries >= 0, ">= 0 (0: no canaries)"),
+            ("transitions_noise_multiplier", 0 <= self.transitions_noise_multiplier < math.inf,
+             "a finite number >= 0 (the noise of the transition table's release; 0 unless model.transitions)"),
             ("noise_placement", self.noise_placement in NOISE_PLACEMENTS, f"one of {NOISE_PLACEMENTS}"),
             ("noise_placement", self.noise_placement == "local" or dp,
              "'local' unless mode='dp-sgd' (distributed noise is a DP-SGD mode)"),
@@ -348,6 +359,20 @@ class ExperimentConfig:
             raise ValueError(f"model.item_features={self.model['item_features']!r} is not available in a deployment "
                              f"yet: data.catalogue={self.data.catalogue!r} lists item ids only, not their features "
                              "(use model.item_features in simulations and centralized training)")
+        transitions = self.model.get("transitions", False) is True
+        sigma = self.privacy.transitions_noise_multiplier
+        if transitions and self.privacy.mode == "dp-sgd" and not sigma > 0:
+            raise ValueError("privacy.transitions_noise_multiplier must be > 0 with model.transitions = true and "
+                             "privacy.mode = 'dp-sgd' (got 0: the transition counts would be released without noise)")
+        if sigma > 0 and not transitions:
+            raise ValueError(f"privacy.transitions_noise_multiplier = {sigma:g} needs model.transitions = true "
+                             "(there is no transition table to release)")
+        if sigma > 0 and self.privacy.mode != "dp-sgd":
+            raise ValueError(f"privacy.transitions_noise_multiplier = {sigma:g} needs privacy.mode = 'dp-sgd' "
+                             f"(got {self.privacy.mode!r}: the release is accounted in the DP ledger)")
+        if transitions and self.privacy.sample_rate_for_epsilon > 0:
+            raise ValueError("privacy.sample_rate_for_epsilon does not account for the transition table's release "
+                             "(model.transitions = true): set privacy.sample_rate instead")
 
     def model_config(self, num_items: int, num_item_features: int = 0) -> ModelConfig:
         """The model's config for a catalogue of ``num_items`` items whose ``model.item_features``

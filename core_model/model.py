@@ -102,6 +102,20 @@ class ModelConfig:
     item_bias
         Add a learned bias per item to its score (``loss="ce"`` only): a popularity term of
         num_items weights that every user's gradient trains, next to the item vectors.
+    transitions
+        Score items also by a released item-transition table (``privacy/transitions.py``): the
+        model holds a ``(num_items + 1) x (num_items + 1)`` buffer ``transition_table`` (row i: how
+        often each item followed item i within ``transitions_window`` steps in the users' histories,
+        as the federation released it once before training, with DP noise under DP-SGD), and a
+        history's score for item j adds ``transitions_weight * sum_{m < transitions_history}
+        transitions_recency**m * T[i_m, j]`` over its last items ``i_0`` (the most recent), ``i_1``, ...
+        Training is unchanged (the table is not in the loss, nor in any update); the table is saved
+        with checkpoints and sent to clients only for evaluation.
+    transitions_window, transitions_decay
+        What the table counts: pairs up to ``transitions_window`` steps apart, a pair k steps apart
+        weighted ``transitions_decay ** (k - 1)``.
+    transitions_weight, transitions_history, transitions_recency
+        How the table scores (above).
     """
 
     num_items: int
@@ -124,6 +138,12 @@ class ModelConfig:
     num_item_features: int = 0
     item_dim: int = 0
     item_bias: bool = False
+    transitions: bool = False
+    transitions_window: int = 5
+    transitions_decay: float = 0.8
+    transitions_weight: float = 0.4
+    transitions_history: int = 10
+    transitions_recency: float = 0.8
 
     @property
     def item_feature_names(self) -> tuple[str, ...]:
@@ -156,6 +176,14 @@ class ModelConfig:
              f"an integer in [0, d_model={self.d_model}] (0: the item table is d_model wide)"),
             ("item_bias", isinstance(self.item_bias, bool) and (not self.item_bias or self.loss == "ce"),
              f"false unless loss='ce' (got loss={self.loss!r}): the bias is part of the full-catalogue scores"),
+            ("transitions", isinstance(self.transitions, bool), "true or false"),
+            ("transitions_window", isinstance(self.transitions_window, int)
+             and not isinstance(self.transitions_window, bool) and self.transitions_window >= 1, "an integer >= 1"),
+            ("transitions_decay", 0 < self.transitions_decay <= 1, "in (0, 1]"),
+            ("transitions_weight", 0 <= self.transitions_weight < math.inf, "a finite number >= 0"),
+            ("transitions_history", isinstance(self.transitions_history, int)
+             and not isinstance(self.transitions_history, bool) and self.transitions_history >= 1, "an integer >= 1"),
+            ("transitions_recency", 0 < self.transitions_recency <= 1, "in (0, 1]"),
         ]
         check_fields(self, checks)
 
@@ -294,6 +322,10 @@ class SASRec(nn.Module):
             self.feat_out = nn.Linear(d, n_feat, bias=False) if config.item_features_side == "both" else None
         else:
             self.feat_in = self.feat_out = None
+        if config.transitions:  # released once by the federation (privacy/transitions.py); zero until then
+            self.register_buffer("transition_table", torch.zeros(config.num_items + 1, config.num_items + 1))
+        else:
+            self.transition_table = None
         self.packed = True
         self.apply(self._init_weights)
         if config.attn_init == "xavier":
@@ -335,16 +367,42 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_feature_matrix.copy_(m.to(self.item_feature_matrix.device))
 
+    def set_transition_table(self, table: torch.Tensor | Any) -> None:
+        """Load the released transition table (num_items + 1, num_items + 1), finite, row and column 0 zero."""
+        if self.transition_table is None:
+            raise ValueError("this model has no model.transitions; it takes no transition table")
+        t = torch.as_tensor(table, dtype=torch.float32)
+        expected = tuple(self.transition_table.shape)
+        if tuple(t.shape) != expected:
+            raise ValueError(f"transition table has shape {tuple(t.shape)}, this model expects {expected} "
+                             "(num_items + 1 squared)")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("transition table has non-finite entries")
+        if bool(t[0].abs().sum() > 0) or bool(t[:, 0].abs().sum() > 0):
+            raise ValueError("transition table row and column 0 (the padding item) must be zero")
+        with torch.no_grad():
+            self.transition_table.copy_(t.to(self.transition_table.device))
+
+    def transition_scores(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, T) histories -> (B, V + 1): the recency-weighted table rows of each history's last
+        ``transitions_history`` items (padding rows are zero)."""
+        k = min(self.config.transitions_history, inputs.shape[1])
+        last = inputs[:, -k:]  # (B, k), the most recent last
+        weights = self.config.transitions_recency ** torch.arange(k - 1, -1, -1, device=inputs.device,
+                                                                   dtype=self.transition_table.dtype)  # (k,)
+        return torch.einsum("bkv,k->bv", self.transition_table[last], weights)  # (B, V + 1)
+
     def shareable_state(self) -> dict[str, torch.Tensor]:
         """The state dict with each tied tensor once (``output.weight`` is ``item_emb.weight``), float32, CPU.
 
         This is what travels between clients and server; :meth:`load_shareable_state` restores it.
-        The public catalogue feature matrix is not in it (every party builds it from the catalogue).
+        The public catalogue feature matrix is not in it (every party builds it from the catalogue),
+        nor the transition table (released once; updates never carry it).
         """
         out: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name, tensor in self.state_dict().items():
-            if name == "item_feature_matrix":
+            if name in ("item_feature_matrix", "transition_table"):
                 continue
             if tensor.data_ptr() in seen:
                 continue
@@ -403,8 +461,10 @@ class SASRec(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h = self.encode(inputs)  # (B, T, d)
         if targets is None:
-            logits = self.item_logits(h[:, -1, :])[:, 1:]  # (B, V)
-            return logits, None
+            logits = self.item_logits(h[:, -1, :])  # (B, V + 1)
+            if self.transition_table is not None and self.config.transitions_weight:
+                logits = logits + self.config.transitions_weight * self.transition_scores(inputs).to(logits.dtype)
+            return logits[:, 1:], None  # (B, V)
         if targets.shape != h.shape[:2]:
             targets = targets[:, -h.shape[1]:]
         valid = targets > 0  # (B, T)

@@ -251,8 +251,13 @@ def noise_for_target_epsilon(
     steps: int,
     accountant: str = "prv",
     epsilon_tolerance: float = 0.01,
+    preceding: Sequence[tuple[float, float, int]] = (),
 ) -> float:
     """The noise multiplier with which ``steps`` steps at ``sample_rate`` spend ``target_epsilon``.
+
+    ``preceding``: history entries ``(noise_multiplier, sample_rate, steps)`` spent before these
+    steps (the transition table's release): the steps then spend what they leave of the target,
+    composed by the same accountant.
 
     Plan the whole horizon once (all rounds' steps together) and use the returned sigma in every
     round: the epsilon after the last round is then ``target_epsilon - epsilon_tolerance <= eps <=
@@ -275,17 +280,21 @@ def noise_for_target_epsilon(
         raise ValueError(f"epsilon_tolerance must be in (0, target_epsilon), got {epsilon_tolerance!r}")
     from opacus.accountants.utils import MAX_SIGMA
 
+    pre = [_check_step(*entry) for entry in preceding]
+    if pre and (spent := PrivacyAccountant(pre).epsilon(delta, name)) >= target_epsilon - epsilon_tolerance:
+        raise ValueError(f"what is spent before the DP-SGD steps ({pre}) already costs epsilon {spent:.4g} at "
+                         f"delta={delta!r}, which leaves nothing of target_epsilon={target_epsilon!r}")
     target, q, steps = float(target_epsilon), float(sample_rate), int(steps)
     sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
     while eps_high > target:
         sigma_high = 2 * sigma_high
-        eps_high = _epsilon([(sigma_high, q, steps)], delta, name)
+        eps_high = _epsilon([*pre, (sigma_high, q, steps)], delta, name)
         if sigma_high > MAX_SIGMA:
             raise ValueError(f"no noise multiplier up to {MAX_SIGMA:g} reaches target_epsilon={target_epsilon!r} at "
                              f"delta={delta!r} over {steps} steps at sample_rate={sample_rate!r}")
     while target - eps_high > epsilon_tolerance:
         sigma = (sigma_low + sigma_high) / 2
-        eps = _epsilon([(sigma, q, steps)], delta, name)
+        eps = _epsilon([*pre, (sigma, q, steps)], delta, name)
         if eps < target:
             sigma_high, eps_high = sigma, eps
         else:

@@ -35,6 +35,7 @@ from core_model.model import SASRec
 from core_model.train import (SequenceBatches, TrainConfig, make_optimizer, resolve_long_histories, sample_negatives,
                               select_device)
 from privacy.accounting import default_delta, noise_for_target_epsilon, sample_rate_for_target_epsilon
+from privacy.transitions import release_history
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
     ``privacy.sample_rate_for_epsilon`` at this client's delta (``steps_per_epoch`` = ceil(1 / q)). With
     ``privacy.target_epsilon`` the noise is calibrated once so that
     ``planned_epochs`` epochs (the whole run) spend exactly that epsilon at delta, or
-    ``planned_steps`` steps when given (distributed noise: one step per round).
+    ``planned_steps`` steps when given (distributed noise: one step per round), after the
+    transition table's release when there is one (:func:`privacy.transitions.release_history`).
     """
     if num_users < 1:
         raise ValueError(f"num_users must be >= 1, got {num_users}")
@@ -135,7 +137,7 @@ def plan_dp(privacy: PrivacyConfig, *, num_users: int, batch_size: int, planned_
     else:
         sigma = noise_for_target_epsilon(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q,
                                          steps=planned_steps or planned_epochs * steps_per_epoch,
-                                         accountant=privacy.accountant)
+                                         accountant=privacy.accountant, preceding=release_history(privacy))
     return DPPlan(noise_multiplier=float(sigma), sample_rate=q, steps_per_epoch=steps_per_epoch,
                   max_grad_norm=privacy.max_grad_norm, delta=delta, accountant=privacy.accountant,
                   num_users=num_users, embedding_clip_share=privacy.embedding_clip_share)

@@ -565,5 +565,6 @@ class PrivacyLedger:
         return accountant
 
     def rounds_spent(self) -> int:
-        """How many rounds released an update (spend entries)."""
-        return sum(entry.kind == "spend" for entry in self.entries())
+        """How many training rounds released an update (spend entries of rounds >= 1; round 0 is the
+        transition table's release, ``privacy/transitions.py``, which is accounted but is no round)."""
+        return sum(entry.kind == "spend" and entry.round >= 1 for entry in self.entries())

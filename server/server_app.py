@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
@@ -56,6 +56,7 @@ from core_model.train import cosine_to_tenth, save_checkpoint
 from privacy import PRIVACY_DECLINED
 from privacy.ledger import split_receipt
 from privacy.secagg import Quantizer
+from privacy.transitions import RELEASE_FLAG, RELEASE_ROUND, TRANSITIONS_RECORD, finish_table
 from server.receipts import RECEIPTS, ReceiptLog
 from server.secure_aggregation import SecureRound, what_the_server_saw
 
@@ -64,6 +65,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 LAST_ITERATE = "model-last.pt"
+TRANSITIONS_FILE = "transitions.pt"
 
 
 class WeightAverage:
@@ -238,6 +240,7 @@ class RoundLoop:
         self.item_titles = item_titles
         self.item_features = item_features
         self.features_record: ArrayRecord | None = None
+        self.transitions_record: ArrayRecord | None = None
         self.num_clients = num_clients
         self.every_round_needs_all = every_round_needs_all
         self.on_round = on_round
@@ -281,6 +284,8 @@ class RoundLoop:
         arrays = ArrayRecord(model.shareable_state())
         if self.num_clients:
             wait_for_nodes(grid, self.num_clients, timeout=fed.round_timeout)
+        if model.transition_table is not None:
+            self._transitions(grid, model)
         for rnd in range(start, fed.num_rounds + 1):
             arrays = self._round(grid, strategy, rnd, arrays, model)
         saw = what_the_server_saw(secure=priv.secure_aggregation_enabled, dp=priv.mode == "dp-sgd")
@@ -331,6 +336,9 @@ class RoundLoop:
                                               if not r.has_error()))
         if rnd % fed.evaluate_every == 0 or rnd == fed.num_rounds:
             eval_msgs = self._with_features(strategy.configure_evaluate(rnd, served, ConfigRecord({}), grid))
+            if self.transitions_record is not None:  # the served model scores with the released table
+                for m in eval_msgs:
+                    m.content[TRANSITIONS_RECORD] = self.transitions_record
             eval_replies = list(grid.send_and_receive(eval_msgs, timeout=fed.round_timeout))
             metrics = strategy.aggregate_evaluate(rnd, eval_replies)
             if metrics is not None:
@@ -342,6 +350,49 @@ class RoundLoop:
         if self.on_round is not None:
             self.on_round(record)
         return arrays
+
+    def _transitions(self, grid: Grid, model: SASRec) -> None:
+        """The transition table's release before round 1 (``privacy/transitions.py``), or, on resume,
+        the table released before: ``transitions.pt`` (the table) and ``transitions.json`` (the
+        release's record: clients, secure aggregation, what the clients reported of their spend)."""
+        path = self.run_dir / TRANSITIONS_FILE
+        if path.exists():
+            model.set_transition_table(torch.load(path, weights_only=True)["table"])
+            self.transitions_record = ArrayRecord({"table": model.transition_table.detach().clone()})
+            logger.info("transition table: the one released before (%s)", path)
+            return
+        t0 = time.perf_counter()
+        size = model.transition_table.shape[0]
+        config = ConfigRecord({"server-round": RELEASE_ROUND, RELEASE_FLAG: True})
+        messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.TRAIN)
+                    for node in sorted(grid.get_node_ids())]
+        record: dict[str, Any] = {"round": RELEASE_ROUND, "release": "transitions"}
+        if self.config.privacy.secure_aggregation_enabled:  # the sum of the clients' tables, an update from zeros
+            zeros = ArrayRecord({"table": Array(np.zeros((size, size), dtype=np.float32))})
+            replies, trained, _ = self._secure_train(grid, RELEASE_ROUND, messages, zeros, record)
+            total = (replies[0].content["arrays"]["table"].numpy().astype(np.float64)
+                     * int(replies[0].content["metrics"]["num-examples"])) if replies else None
+        else:
+            _, trained, _ = self._plain_train(grid, RELEASE_ROUND, messages, record)
+            total = sum((r.content["arrays"]["table"].numpy().astype(np.float64) for r in trained), None)
+        if total is None:
+            raise RuntimeError(f"the transition table's release failed: no sum of the clients' tables ({record}); "
+                               "the clients that took part have recorded the spend in their ledgers")
+        dp = [r.content["metrics"] for r in trained if "dp-epsilon" in r.content["metrics"]]
+        if dp:
+            record.update({"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),
+                           "dp_noise_multiplier_min": min(float(m["dp-noise-multiplier"]) for m in dp),
+                           "dp_delta_max": max(float(m["dp-delta"]) for m in dp)})
+        record["seconds"] = time.perf_counter() - t0
+        model.set_transition_table(finish_table(total))
+        self.transitions_record = ArrayRecord({"table": model.transition_table.detach().clone()})
+        tmp = path.with_suffix(".tmp")
+        torch.save({"table": model.transition_table.detach().clone(), "record": record}, tmp)
+        tmp.replace(path)
+        (self.run_dir / "transitions.json").write_text(json.dumps(record, indent=2) + "\n")
+        logger.info("transition table released by %s of %d clients in %.1f s%s", record.get("clients_ok"),
+                    len(messages), record["seconds"],
+                    f"; epsilon after it <= {record['dp_epsilon_max']:.3f}" if dp else "")
 
     def _with_features(self, messages: Iterable[Message]) -> list[Message]:
         """``messages``, each with the catalogue feature matrix when the model reads one."""

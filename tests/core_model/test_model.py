@@ -243,3 +243,57 @@ def test_loading_a_mismatched_state_names_the_problem():
         model.load_shareable_state({k: v for k, v in state.items() if k != "ln_f.bias"})
     with pytest.raises(ValueError, match="'item_emb.weight' has shape \\(13, 8\\), this model expects \\(12, 8\\)"):
         model.load_shareable_state({**state, "item_emb.weight": torch.zeros(13, 8)})
+
+
+def test_transition_table_adds_recency_weighted_rows_of_the_last_items_to_the_scores():
+    model = make(transitions=True, transitions_weight=0.5, transitions_history=3, transitions_recency=0.5)
+    plain = make()
+    table = torch.rand(12, 12)
+    table[0], table[:, 0] = 0.0, 0.0
+    model.set_transition_table(table)
+    logits, _ = model(INPUTS)  # (2, 11)
+    base, _ = plain(INPUTS)
+    # user 0: last items 4, 5, 6 (6 the most recent); user 1: 9, 10, 11
+    for b, (i2, i1, i0) in enumerate(([4, 5, 6], [9, 10, 11])):
+        prior = table[i0] + 0.5 * table[i1] + 0.25 * table[i2]
+        assert torch.allclose(logits[b], base[b] + 0.5 * prior[1:], atol=1e-5)
+    # a padded position contributes its zero row
+    short = torch.tensor([[0, 0, 0, 0, 7]])
+    assert torch.allclose(model(short)[0], plain(short)[0] + 0.5 * table[7, 1:], atol=1e-5)
+    # training is unchanged: the same loss with and without a table
+    assert torch.equal(model(INPUTS, TARGETS)[1], plain(INPUTS, TARGETS)[1])
+
+
+def test_transition_table_is_saved_but_never_shared_and_bad_tables_are_named(tmp_path):
+    from core_model.train import load_checkpoint, save_checkpoint
+
+    model = make(transitions=True)
+    table = torch.zeros(12, 12)
+    table[3, 4] = 2.5
+    model.set_transition_table(table)
+    assert "transition_table" not in model.shareable_state()
+    model.load_shareable_state(model.shareable_state())  # an update leaves the table as it is
+    assert model.transition_table[3, 4] == 2.5
+    save_checkpoint(tmp_path / "m.pt", model, extra={})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert torch.equal(loaded.transition_table, table)
+    with pytest.raises(ValueError, match=r"shape \(5, 5\), this model expects \(12, 12\)"):
+        model.set_transition_table(torch.zeros(5, 5))
+    bad = table.clone()
+    bad[0, 2] = 1.0
+    with pytest.raises(ValueError, match="row and column 0"):
+        model.set_transition_table(bad)
+    bad[0, 2], bad[1, 1] = 0.0, float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        model.set_transition_table(bad)
+    with pytest.raises(ValueError, match="no model.transitions"):
+        make().set_transition_table(table)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("transitions_window", 0, "transitions_window"), ("transitions_decay", 0.0, "transitions_decay"),
+    ("transitions_weight", -1.0, "transitions_weight"), ("transitions_history", 0, "transitions_history"),
+    ("transitions_recency", 1.5, "transitions_recency"), ("transitions", 1, "transitions")])
+def test_transition_settings_are_checked(field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        ModelConfig(num_items=11, **{field: value})

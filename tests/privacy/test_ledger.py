@@ -33,12 +33,15 @@ def entry(round_: int, kind: str = "spend", sigma: float = 1.0, **changes) -> Le
 def test_round_trip_and_replay(tmp_path):
     ledger = PrivacyLedger(tmp_path / "new" / "ledger.jsonl")
     assert ledger.entries() == [] and ledger.rounds_spent() == 0
-    written = [entry(0), entry(1, sigma=1.2), entry(2, kind="refusal", sigma=0.1), entry(3, sigma=1.2)]
+    # round 0: the transition table's release (privacy/transitions.py), then three training rounds
+    written = [entry(0, sigma=0.7, sample_rate=1.0, steps=1), entry(1), entry(2, sigma=1.2),
+               entry(3, kind="refusal", sigma=0.1), entry(4, sigma=1.2)]
     for e in written:
         ledger.append(e)
     assert ledger.entries() == written
-    assert ledger.rounds_spent() == 3
-    assert ledger.accountant().history == [(1.0, 0.1, 2), (1.2, 0.1, 4)]  # the refusal spent nothing
+    assert ledger.rounds_spent() == 3  # the release is accounted but is no training round
+    # the refusal spent nothing
+    assert ledger.accountant().history == [(0.7, 1.0, 1), (1.0, 0.1, 2), (1.2, 0.1, 4)]
     for line, e in zip(ledger.path.read_bytes().splitlines(), written):
         obj = json.loads(line)
         assert {k: v for k, v in obj.items() if k not in CHAIN_FIELDS} == e.to_dict()
