@@ -21,7 +21,8 @@ round, the noise shared out among the clients; docs/privacy.md) every client mus
 noise multiplier, so for each target the script sets ``privacy.noise_multiplier`` to the largest
 of the clients' own calibrations over ``federation.num_rounds`` steps
 (``privacy.dp.shared_noise_multiplier``): the client with the highest sample rate or the smallest
-delta spends exactly the target, the others less. With ``--rates-for-epsilon`` each client then
+delta spends exactly the target, the others less (after the transition table's release, when
+``model.transitions`` is on: the release's epsilon is part of the target). With ``--rates-for-epsilon`` each client then
 samples at its own rate, the one with which that multiplier spends exactly the target at its delta
 (``privacy.sample_rate_for_epsilon``): every client spends the whole target.
 """
@@ -52,13 +53,18 @@ def ledger_summary(run_dir: Path) -> dict:
     clients = {}
     for path in sorted((run_dir / "clients").glob("*/ledger.jsonl")):
         entries = PrivacyLedger(path).entries()
-        spends = [e for e in entries if e.kind == "spend"]
-        last = spends[-1]
+        spends = [e for e in entries if e.kind == "spend" and e.round >= 1]  # training rounds
+        releases = [e for e in entries if e.kind == "spend" and e.round == 0]  # the transition table's
+        last = max([*spends, *releases], key=lambda e: e.epsilon)
         clients[path.parent.name] = {"epsilon": last.epsilon, "delta": last.delta, "accountant": last.accountant,
-                                     "noise_multiplier": last.noise_multiplier, "sample_rate": last.sample_rate,
-                                     "max_grad_norm": last.max_grad_norm, "rounds": len(spends),
+                                     "noise_multiplier": spends[-1].noise_multiplier,
+                                     "sample_rate": spends[-1].sample_rate,
+                                     "max_grad_norm": spends[-1].max_grad_norm, "rounds": len(spends),
                                      "steps": sum(e.steps for e in spends),
                                      "refusals": sum(e.kind == "refusal" for e in entries)}
+        if releases:
+            clients[path.parent.name].update({"transitions_noise_multiplier": releases[0].noise_multiplier,
+                                              "transitions_epsilon": releases[0].epsilon})
     if not clients:
         raise RuntimeError(f"{run_dir}: no client ledgers under {run_dir / 'clients'}")
     return clients
@@ -208,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": results["rounds"], "test": results["test"], "wall_minutes": wall / 60,
                **{k: results[k] for k in ("served_weights", "test_last_iterate") if k in results},
                "reused": eps in existing,
+               **({"transitions_noise_multiplier": cfg.privacy.transitions_noise_multiplier,
+                   "transitions_epsilon_max": max(c["transitions_epsilon"] for c in clients.values())}
+                  if cfg.privacy.transitions_noise_multiplier else {}),
                "clients": clients, "run_dir": str(run_dir)}
         rows.append(row)
         print(f"target epsilon {eps:g}: NDCG@10 {row['test']['ndcg@10']:.4f} HR@10 {row['test']['hr@10']:.4f}; "
@@ -215,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({row['accountant'].upper()}, user-level, max over clients); noise "
               f"{row['noise_multiplier_range'][0]:.3f}-{row['noise_multiplier_range'][1]:.3f}, sample rate "
               f"{row['sample_rate_range'][0]:.4f}-{row['sample_rate_range'][1]:.4f}; "
-              f"{wall / 60:.1f} min" + (f"; {results['served_weights']}, the last iterate: NDCG@10 "
+              + (f"transition table released at noise {row['transitions_noise_multiplier']:g} (epsilon "
+                 f"<= {row['transitions_epsilon_max']:.3f} of the total); " if "transitions_epsilon_max" in row else "")
+              + f"{wall / 60:.1f} min" + (f"; {results['served_weights']}, the last iterate: NDCG@10 "
                                         f"{results['test_last_iterate']['ndcg@10']:.4f}"
                                         if "test_last_iterate" in results else ""), flush=True)
     command = sys.argv if argv is None else ["benchmarks/privacy_utility.py", *argv]
