@@ -369,15 +369,23 @@ class RoundLoop:
         record: dict[str, Any] = {"round": RELEASE_ROUND, "release": "transitions"}
         if self.config.privacy.secure_aggregation_enabled:  # the sum of the clients' tables, an update from zeros
             zeros = ArrayRecord({"table": Array(np.zeros((size, size), dtype=np.float32))})
-            replies, trained, _ = self._secure_train(grid, RELEASE_ROUND, messages, zeros, record)
+            replies, trained, declined = self._secure_train(grid, RELEASE_ROUND, messages, zeros, record)
             total = (replies[0].content["arrays"]["table"].numpy().astype(np.float64)
                      * int(replies[0].content["metrics"]["num-examples"])) if replies else None
         else:
-            _, trained, _ = self._plain_train(grid, RELEASE_ROUND, messages, record)
+            _, trained, declined = self._plain_train(grid, RELEASE_ROUND, messages, record)
             total = sum((r.content["arrays"]["table"].numpy().astype(np.float64) for r in trained), None)
+        if declined:
+            record["declined_reasons"] = [split_receipt(r.error.reason)[0] for r in declined]
         if total is None:
-            raise RuntimeError(f"the transition table's release failed: no sum of the clients' tables ({record}); "
-                               "the clients that took part have recorded the spend in their ledgers")
+            (self.run_dir / "transitions.json").write_text(json.dumps(record, indent=2) + "\n")
+            why = record.get("secagg_abort_reason") or "no client sent its table"
+            reasons = "; ".join(record.get("declined_reasons", []))
+            raise RuntimeError(
+                f"the transition table's release failed: {why} ({record['clients_declined']} of {len(messages)} "
+                f"clients declined{': ' + reasons if reasons else ''}; {record['clients_failed']} failed); the "
+                f"clients that sent a sum recorded its spend in their ledgers; details in "
+                f"{self.run_dir / 'transitions.json'} and the log")
         dp = [r.content["metrics"] for r in trained if "dp-epsilon" in r.content["metrics"]]
         if dp:
             record.update({"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),

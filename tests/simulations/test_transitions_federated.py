@@ -85,3 +85,20 @@ def test_dp_release_is_ledgered_as_round_zero_carries_the_sums_noise_and_survive
     for path in ledgers:  # released once: round 0 is not spent again
         rounds = [json.loads(line)["round"] for line in path.read_text().splitlines()]
         assert rounds == [0, 1, 2]
+
+
+def test_a_policy_that_forbids_the_release_stops_the_run_before_any_round(tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nmax_epsilon = 2.0\n")
+    run = tmp_path / "run"
+    cfg = load_config(None, TINY + ['privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.5",
+                                    "privacy.transitions_noise_multiplier=0.6", f'privacy.policy="{policy}"'])
+    with pytest.raises(RuntimeError, match="the transition table's release failed: no client took part: 4 declined"):
+        simulate(cfg, run)  # the server app's error, raised by the simulation
+    release = json.loads((run / "transitions.json").read_text())
+    assert release["clients_declined"] == 4 and len(release["declined_reasons"]) == 4
+    assert all("over the policy's max_epsilon 2" in r for r in release["declined_reasons"])
+    assert not (run / "metrics.jsonl").exists() and not (run / "transitions.pt").exists()
+    for path in sorted((run / "clients").glob("*/ledger.jsonl")):
+        (entry,) = [json.loads(line) for line in path.read_text().splitlines()]
+        assert (entry["kind"], entry["round"], entry["epsilon"]) == ("refusal", 0, 0.0)
