@@ -8,7 +8,11 @@ ledger entry it wrote first (ConfigRecord ``ledger-receipt``). With secure aggre
 carries a ``secagg`` request) it replies with its public keys and metrics instead, and sends its
 update only masked, in the later ``train.secagg`` stages (``client/secure_aggregation.py``). On an
 ``evaluate`` message it reports leave-one-out test metrics of the global model on its users (full
-ranking, history excluded).
+ranking, history excluded). With ``model.transitions``, a ``train`` message whose config carries
+``transitions-release`` (before round 1) asks instead for the client's share of the transition
+table (``privacy/transitions.py``): its users' clipped transition counts with its noise share,
+ledgered as round 0 first, sent like an update (masked, under secure aggregation); ``evaluate``
+messages then carry the released table (ArrayRecord ``transitions``).
 
 In a deployment the node's own ``--node-config`` names its data, catalogue, privacy policy and
 ledger folder (``client/node.py``); the policy and ledger folder there override the run config's.
