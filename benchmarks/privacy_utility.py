@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from federated import data_settings  # noqa: E402  (benchmarks/federated.py, this script's folder)
 from core_model.config import ExperimentConfig, load_config  # noqa: E402
-from privacy.dp import shared_noise_multiplier  # noqa: E402
+from privacy.dp import release_noise_for_share, shared_noise_multiplier  # noqa: E402
 from privacy.ledger import PrivacyLedger  # noqa: E402
 from simulations.clients import load_federation  # noqa: E402
 from simulations.runner import load_run_config, simulate  # noqa: E402
@@ -87,11 +87,12 @@ def existing_run(spec: str) -> tuple[float, Path]:
     return value, Path(run_dir)
 
 
-def check_existing(run_dir: Path, cfg, eps: float) -> dict:
+def check_existing(run_dir: Path, cfg, eps: float, *, release_noise_free: bool = False) -> dict:
     """The finished run in ``run_dir`` as this table's point for target ``eps``.
 
     Its configuration must equal the one this invocation would run in everything but the noise
-    multiplier (which its ledgers state). A setting left to ``AUTO_RESOLVED`` here matches what the
+    multiplier (which its ledgers state) and, with ``release_noise_free`` (``--release-share``), the
+    transition table's release noise (stated by the ledgers too). A setting left to ``AUTO_RESOLVED`` here matches what the
     run resolved it to; a setting the run's ``config.json`` lacks (it predates it) matches this
     code's default. A mismatch is an error naming the first differing setting; a client that spent
     more than ``eps`` is one too (checked from the ledgers by the caller).
@@ -106,6 +107,8 @@ def check_existing(run_dir: Path, cfg, eps: float) -> dict:
         for key in sorted(set(ours[section]) | set(theirs.get(section, {}))):
             mine, other = ours[section].get(key), theirs.get(section, {}).get(key)
             if (section, key) == ("privacy", "noise_multiplier"):
+                continue
+            if (section, key) == ("privacy", "transitions_noise_multiplier") and release_noise_free:
                 continue
             if (section, key) in AUTO_RESOLVED and mine == AUTO_RESOLVED[section, key]:
                 continue  # auto here; the runner stored what it resolved it to
@@ -154,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--existing", action="append", default=[], metavar="EPS=RUN_DIR",
                         help="take the point for target EPS from this finished run (same settings but the "
                              "noise multiplier, checked) instead of running it; repeatable")
+    parser.add_argument("--release-share", type=float, default=None, metavar="S",
+                        help="with model.transitions: for each target, release the transition table at the noise "
+                             "with which the release alone spends S of the target at every client "
+                             "(privacy.transitions_noise_multiplier; DP-SGD is then calibrated for the rest)")
     parser.add_argument("--rates-for-epsilon", action="store_true",
                         help="distributed noise: after choosing the shared multiplier as without this flag, let "
                              "every client sample at the rate with which it spends the target "
@@ -170,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--existing given for epsilon {unused}, which is not in --epsilons {args.epsilons}")
     rows, popularity = [], None
     common = [*base, *args.overrides, 'privacy.mode="dp-sgd"']
-    probe = load_config(None, [*common, "privacy.noise_multiplier=1.0"])
+    # --release-share sets each target's release noise below; a placeholder until then
+    placeholder = ["privacy.transitions_noise_multiplier=1.0"] if args.release_share is not None else []
+    probe = load_config(None, [*common, "privacy.noise_multiplier=1.0", *placeholder])
     distributed = probe.privacy.noise_placement == "distributed"
     if distributed:  # one multiplier for every client, from every client's size
         _, _, partition = load_federation(probe)
@@ -178,9 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.rates_for_epsilon and not distributed:
         raise SystemExit("--rates-for-epsilon needs --set privacy.noise_placement='\"distributed\"' (one multiplier "
                          "shared by every client, one step per round)")
+    if args.release_share is not None and not distributed:
+        _, _, partition = load_federation(probe)
+        sizes = [len(r) for r in partition.rows]
+    base_common = common
     for eps in args.epsilons:
         # --rates-for-epsilon: the multiplier as without it, then every client samples at its own rate for eps
         rates = ["privacy.sample_rate=0", f"privacy.sample_rate_for_epsilon={eps!r}"] if args.rates_for_epsilon else []
+        common = base_common
+        if args.release_share is not None:  # this target's release noise, then DP-SGD for what it leaves
+            release = release_noise_for_share(probe.privacy, client_sizes=sizes, target_epsilon=eps,
+                                              share=args.release_share)
+            common = [*base_common, f"privacy.transitions_noise_multiplier={release!r}"]
+            probe = load_config(None, [*common, "privacy.noise_multiplier=1.0"])
         if not distributed:
             cfg = load_config(None, [*common, f"privacy.target_epsilon={eps}"])
         elif eps in existing:
@@ -194,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if eps in existing:
             run_dir = existing[eps]
-            results = check_existing(run_dir, cfg, eps)
+            results = check_existing(run_dir, cfg, eps, release_noise_free=args.release_share is not None)
             wall = results["wall_seconds_this_process"]
         else:
             results = simulate(cfg, run_dir)
@@ -214,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": results["rounds"], "test": results["test"], "wall_minutes": wall / 60,
                **{k: results[k] for k in ("served_weights", "test_last_iterate") if k in results},
                "reused": eps in existing,
-               **({"transitions_noise_multiplier": cfg.privacy.transitions_noise_multiplier,
+               **({"transitions_noise_multiplier": max(c["transitions_noise_multiplier"] for c in clients.values()),
                    "transitions_epsilon_max": max(c["transitions_epsilon"] for c in clients.values())}
-                  if cfg.privacy.transitions_noise_multiplier else {}),
+                  if all("transitions_epsilon" in c for c in clients.values()) else {}),
                "clients": clients, "run_dir": str(run_dir)}
         rows.append(row)
         print(f"target epsilon {eps:g}: NDCG@10 {row['test']['ndcg@10']:.4f} HR@10 {row['test']['hr@10']:.4f}; "

@@ -160,6 +160,22 @@ def shared_noise_multiplier(privacy: PrivacyConfig, *, client_sizes: Sequence[in
                        planned_steps=steps).noise_multiplier for n in sorted(set(client_sizes)))
 
 
+def release_noise_for_share(privacy: PrivacyConfig, *, client_sizes: Sequence[int], target_epsilon: float,
+                            share: float) -> float:
+    """The transition table's release noise with which the release alone spends ``share`` of
+    ``target_epsilon`` at every client (``privacy/transitions.py``; one Gaussian step at sample rate 1):
+    the largest of the clients' calibrations, each at its own delta (the smallest delta binds), so
+    that DP-SGD keeps at least ``1 - share`` of the budget everywhere (composition is not additive:
+    it keeps more)."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1): the part of the target the release may spend, got {share!r}")
+    if not client_sizes:
+        raise ValueError("client_sizes is empty: the release noise needs every client's number of users")
+    deltas = sorted({privacy.delta or default_delta(int(n)) for n in client_sizes})
+    return max(noise_for_target_epsilon(target_epsilon=share * target_epsilon, delta=d, sample_rate=1.0, steps=1,
+                                        accountant=privacy.accountant) for d in deltas)
+
+
 def group_clip_bounds(model: SASRec, max_grad_norm: float, embedding_clip_share: float) -> list[float]:
     """Per parameter of ``model`` (in ``model.parameters()`` order) the bound of its clipping group.
 

@@ -142,3 +142,15 @@ def test_transition_settings_that_cannot_work_are_refused(settings, match):
 
     with pytest.raises(ValueError, match=match):
         load_config(None, settings)
+
+
+def test_release_noise_for_a_share_of_the_target_binds_at_the_smallest_delta():
+    from privacy.dp import release_noise_for_share
+
+    priv = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, accountant="rdp")
+    sizes = [300, 1500]  # deltas 1/3000 and 1/15000
+    sigma = release_noise_for_share(priv, client_sizes=sizes, target_epsilon=8.0, share=0.75)
+    spent = {n: PrivacyAccountant([(sigma, 1.0, 1)]).epsilon(1 / (10 * n), "rdp") for n in sizes}
+    assert 5.99 <= spent[1500] <= 6.0 and spent[300] < spent[1500]
+    with pytest.raises(ValueError, match=r"share must be in \(0, 1\)"):
+        release_noise_for_share(priv, client_sizes=sizes, target_epsilon=8.0, share=1.0)
