@@ -356,26 +356,26 @@ class SASRec(nn.Module):
         """Load the public catalogue feature matrix (num_items + 1, num_item_features); row 0 must be zero."""
         if self.feat_in is None:
             raise ValueError("this model has no model.item_features; it takes no feature matrix")
-        m = torch.as_tensor(matrix, dtype=torch.float32)
-        expected = tuple(self.item_feature_matrix.shape)
-        if tuple(m.shape) != expected:
-            raise ValueError(f"item feature matrix has shape {tuple(m.shape)}, this model expects {expected} "
-                             f"(num_items + 1, num_item_features) for model.item_features="
-                             f"{self.config.item_features!r}")
+        m = self._shaped_like(self.item_feature_matrix, matrix, "item feature matrix",
+                              f"(num_items + 1, num_item_features) for model.item_features={self.config.item_features!r}")
         if bool(m[0].abs().sum() > 0):
             raise ValueError("item feature matrix row 0 (the padding item) must be zero")
         with torch.no_grad():
             self.item_feature_matrix.copy_(m.to(self.item_feature_matrix.device))
 
+    @staticmethod
+    def _shaped_like(buffer: torch.Tensor, value: torch.Tensor | Any, what: str, shape_note: str) -> torch.Tensor:
+        """``value`` as float32, or a ``ValueError`` naming ``what`` when its shape is not ``buffer``'s."""
+        t = torch.as_tensor(value, dtype=torch.float32)
+        if tuple(t.shape) != tuple(buffer.shape):
+            raise ValueError(f"{what} has shape {tuple(t.shape)}, this model expects {tuple(buffer.shape)} {shape_note}")
+        return t
+
     def set_transition_table(self, table: torch.Tensor | Any) -> None:
         """Load the released transition table (num_items + 1, num_items + 1), finite, row and column 0 zero."""
         if self.transition_table is None:
             raise ValueError("this model has no model.transitions; it takes no transition table")
-        t = torch.as_tensor(table, dtype=torch.float32)
-        expected = tuple(self.transition_table.shape)
-        if tuple(t.shape) != expected:
-            raise ValueError(f"transition table has shape {tuple(t.shape)}, this model expects {expected} "
-                             "(num_items + 1 squared)")
+        t = self._shaped_like(self.transition_table, table, "transition table", "(num_items + 1 squared)")
         if not bool(torch.isfinite(t).all()):
             raise ValueError("transition table has non-finite entries")
         if bool(t[0].abs().sum() > 0) or bool(t[:, 0].abs().sum() > 0):
