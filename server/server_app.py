@@ -213,6 +213,17 @@ def wait_for_nodes(grid: Grid, expected: int, *, timeout: float, poll: float = 0
         time.sleep(poll)
 
 
+def _dp_reported(trained: Iterable[Message]) -> dict[str, Any]:
+    """What the clients reported of their own DP spend (the server cannot check it): ``{}`` without DP."""
+    dp = [r.content["metrics"] for r in trained if "dp-epsilon" in r.content["metrics"]]
+    if not dp:
+        return {}
+    return {"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),
+            "dp_epsilon_min": min(float(m["dp-epsilon"]) for m in dp),
+            "dp_noise_multiplier_min": min(float(m["dp-noise-multiplier"]) for m in dp),
+            "dp_delta_max": max(float(m["dp-delta"]) for m in dp)}
+
+
 def _truncate_metrics(path: Path, last_round: int) -> None:
     if not path.exists():
         return
@@ -306,12 +317,7 @@ class RoundLoop:
             replies, trained, declined = self._plain_train(grid, rnd, messages, record)
         if declined:  # the reasons without the ledger receipts at their end (those are in receipts.jsonl)
             record["declined_reasons"] = [split_receipt(r.error.reason)[0] for r in declined]
-        dp = [r.content["metrics"] for r in trained if "dp-epsilon" in r.content["metrics"]]
-        if dp:  # what each client reported of its own DP-SGD (the server cannot check it)
-            record.update({"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),
-                           "dp_epsilon_min": min(float(m["dp-epsilon"]) for m in dp),
-                           "dp_noise_multiplier_min": min(float(m["dp-noise-multiplier"]) for m in dp),
-                           "dp_delta_max": max(float(m["dp-delta"]) for m in dp)})
+        record.update(_dp_reported(trained))
         if hasattr(strategy, "eta"):  # FedAdam: the server's own step size this round
             strategy.eta = server_lr(self.config, rnd)
             record["server_lr"] = float(strategy.eta)
@@ -386,11 +392,7 @@ class RoundLoop:
                 f"clients declined{': ' + reasons if reasons else ''}; {record['clients_failed']} failed); the "
                 f"clients that sent a sum recorded its spend in their ledgers; details in "
                 f"{self.run_dir / 'transitions.json'} and the log")
-        dp = [r.content["metrics"] for r in trained if "dp-epsilon" in r.content["metrics"]]
-        if dp:
-            record.update({"dp_clients": len(dp), "dp_epsilon_max": max(float(m["dp-epsilon"]) for m in dp),
-                           "dp_noise_multiplier_min": min(float(m["dp-noise-multiplier"]) for m in dp),
-                           "dp_delta_max": max(float(m["dp-delta"]) for m in dp)})
+        record.update(_dp_reported(trained))
         record["seconds"] = time.perf_counter() - t0
         model.set_transition_table(finish_table(total))
         self.transitions_record = ArrayRecord({"table": model.transition_table.detach().clone()})
@@ -400,7 +402,7 @@ class RoundLoop:
         (self.run_dir / "transitions.json").write_text(json.dumps(record, indent=2) + "\n")
         logger.info("transition table released by %s of %d clients in %.1f s%s", record.get("clients_ok"),
                     len(messages), record["seconds"],
-                    f"; epsilon after it <= {record['dp_epsilon_max']:.3f}" if dp else "")
+                    f"; epsilon after it <= {record['dp_epsilon_max']:.3f}" if "dp_clients" in record else "")
 
     def _with_features(self, messages: Iterable[Message]) -> list[Message]:
         """``messages``, each with the catalogue feature matrix when the model reads one."""
